@@ -1,0 +1,30 @@
+# The two commands of the README: `make demo` and `make test`. Both create/use a venv in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	@set -e; \
+	run=$$($(BIN)/python launch/train.py --config configs/demo.yaml | tail -n 1 | cut -d' ' -f2); \
+	$(BIN)/python launch/evaluate.py --run $$run; \
+	echo "demo run: $$run  (config.yaml, metrics.jsonl, images/, model/, eval.json, report.md)"
+
+bench: $(STAMP)
+	$(BIN)/python launch/bench.py
+
+clean:
+	rm -rf runs wandb .pytest_cache

@@ -1,0 +1,47 @@
+"""Train a model: `accelerate launch launch/train.py --config configs/demo.yaml [key=value ...]`.
+
+Also runs as `python launch/train.py ...` (one process). See README "Training".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
+
+from mmvae.config import ConfigError, describe, load_config  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+    p.add_argument("--resume", help="'auto' (latest checkpoint of the run, if any) or a path")
+    p.add_argument("--help-config", action="store_true", help="list every config key and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.K=50")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        print(describe())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from mmvae.train.loop import TrainingStopped, fit
+
+        run_dir, status = fit(cfg, resume=args.resume)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except TrainingStopped as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    print(f"{status}: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Typed experiment configuration: nested dataclasses, YAML files, dotted overrides.
+
+Precedence is command line > YAML file > defaults. Every field carries a comment that says what
+it does; `python launch/train.py --help-config` prints them. A config is validated once, by
+`load_config`, and then treated as read-only; the resolved config is saved with the run.
+
+Errors are `ConfigError` (a `ValueError`) with a one-line message that names the valid keys or
+the fix; entry points turn it into exit code 2 before anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type, impossible value, missing file."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "mnist_svhn"
+    """Model in the registry (`mmvae.registry.MODELS`): mnist, svhn, mnist_svhn, gaussian, ..."""
+    latent_dim: int = 20
+    """Latent dimension D (paper: 20 for MNIST-SVHN, 64 for CUB)."""
+    learn_prior: bool = False
+    """Learn the prior's scale parameters (the paper's results use this)."""
+    llik_scaling: float = 0.0
+    """Likelihood scaling of the first modality in multimodal bounds; 0 means the model default
+    (3072/784 = 3.918 for MNIST in mnist_svhn)."""
+    num_hidden_layers: int = 1
+    """Hidden layers of the MNIST MLP encoder/decoder."""
+    data_dim: int = 4
+    """Data dimension of the linear-Gaussian reference models (gaussian, gaussian_pair)."""
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dreg"
+    """Estimator: elbo | iwae | dreg (the `m_` multimodal form is chosen by the model)."""
+    looser: bool = True
+    """Multimodal IWAE/DReG: the paper's stratified bound (mean over experts of per-expert
+    IWAE) instead of the joint bound over all M*K particles."""
+    K: int = 30
+    """Particles per expert per datapoint."""
+    k_chunk: int = 0
+    """Process at most this many particles at once (two-pass, same gradient); 0 = all K."""
+    dreg_variant: str = "unbiased"
+    """DReG for mixtures: unbiased (default, DESIGN.md) | paper (w^2 on the path, mixture
+    detached: the paper's intent) | stl (what the paper code computed: its hook never fires)."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = "shards/demo-digits"
+    """Folder with manifest.json and {train,test}-NNNNNN.tar shards."""
+    builtin: str = ""
+    """Name of a built-in dataset (digits) to build into `shards` when it is missing; empty
+    means the shards must already exist."""
+    batch_size: int = 128
+    """Datapoints per batch per data-parallel group."""
+    num_workers: int = 0
+    """DataLoader workers per process."""
+    shuffle_buffer: int = 1000
+    """Samples held in the shuffle buffer."""
+    on_error: str = "skip"
+    """Corrupt sample or shard: skip (log and count) | raise."""
+    resampled: bool = False
+    """Sample shards with replacement (large multi-node jobs)."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    """Passes over the training split."""
+    max_steps: int = 0
+    """Stop after this many optimiser steps in total (0 = no limit)."""
+    seed: int = 1
+    """Seed of parameters, data order and particle noise."""
+    lr: float = 1e-3
+    """Adam learning rate (amsgrad, as the paper)."""
+    mixed_precision: str = "no"
+    """no | bf16 | fp16: autocast for the networks; densities and weights stay fp32."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = off; the paper does not clip)."""
+    log_every: int = 10
+    """Write train metrics every this many steps."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many steps (0 = at the end of each epoch only)."""
+    keep_last: int = 2
+    """Checkpoints kept on disk."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    test_every: int = 1
+    """Evaluate the test bound and write pictures every this many epochs (0 = never)."""
+    test_batches: int = 0
+    """Test batches per evaluation (0 = the whole test split)."""
+
+
+@dataclass
+class ParallelConfig:
+    particle_shards: int = 1
+    """P: ranks that share a batch and split its K particles (world = groups x P)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"
+    """offline | online | disabled. Online without credentials or network falls back to
+    offline with one warning."""
+    project: str = "mmvae"
+    """W&B project."""
+    progress: bool = True
+    """Show a rich progress bar on the main process."""
+
+
+@dataclass
+class EvalConfig:
+    metrics: list = field(default_factory=lambda: ["likelihood"])
+    """Metrics computed by launch/evaluate.py."""
+    iwae_K: int = 1000
+    """Particles of the IWAE log-likelihood estimates."""
+    k_chunk: int = 100
+    """Particles alive at once in evaluation."""
+
+
+@dataclass
+class RunConfig:
+    experiment: str = ""
+    """Experiment name (empty = the model name); the run folder is runs/<experiment>/<time>."""
+    dir: str = ""
+    """Run folder; empty = runs/<experiment>/<timestamp>."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "objective.name": ("elbo", "iwae", "dreg"),
+    "objective.dreg_variant": ("unbiased", "paper", "stl"),
+    "data.on_error": ("skip", "raise"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "logging.wandb": ("offline", "online", "disabled"),
+}
+POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.particle_shards",
+            "train.keep_last", "train.max_bad_steps", "eval.iwae_K")
+NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
+                "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
+                "train.test_every", "train.test_batches", "model.llik_scaling",
+                "eval.k_chunk", "model.num_hidden_layers")
+
+
+def _sections():
+    return {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def valid_keys() -> list[str]:
+    """All dotted keys, e.g. ``objective.K``."""
+    hints = typing.get_type_hints(Config)
+    return [f"{s}.{k}" for s, cls in hints.items() for k in _field_types(cls)]
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    origin = typing.get_origin(typ) or typ
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, str):
+            return value
+        if value is None:
+            return ""
+    elif origin is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+    raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    hints = typing.get_type_hints(Config)
+    if len(parts) != 2 or parts[0] not in hints or parts[1] not in _field_types(hints[parts[0]]):
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    section, name = parts
+    typ = _field_types(hints[section])[name]
+    setattr(getattr(cfg, section), name, _coerce(key, value, typ))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not prefix:
+            if k not in _sections():
+                raise ConfigError(f"unknown config section {k!r}; valid sections: "
+                                  f"{', '.join(_sections())}")
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``objective.K=50`` -> ("objective.K", 50); values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key=value (e.g. objective.K=50)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: cannot parse value ({err.problem})") from None
+    return key.strip(), value
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and ranges; raise ConfigError naming the key and the fix.
+
+    The model name is checked by `mmvae.registry` (config sits below the models)."""
+    flat = to_dict(cfg)
+    for key, choices in CHOICES.items():
+        s, k = key.split(".")
+        if flat[s][k] not in choices:
+            raise ConfigError(f"{key}={flat[s][k]!r}; choose one of {', '.join(choices)}")
+    for key in POSITIVE:
+        s, k = key.split(".")
+        if flat[s][k] <= 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[s][k]}")
+    for key in NON_NEGATIVE:
+        s, k = key.split(".")
+        if flat[s][k] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[s][k]}")
+    P, K = cfg.parallel.particle_shards, cfg.objective.K
+    if K % P:
+        raise ConfigError(f"objective.K={K} is not divisible by parallel.particle_shards={P}; "
+                          f"choose K as a multiple of P")
+    if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
+        raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
+                          "and objective.k_chunk=0, or use iwae/dreg")
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then ``key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} not found (see configs/ for examples)")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML ({err})".replace("\n", " ")) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+        for key, value in _flatten(tree).items():
+            _apply(cfg, key, value)
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    return validate(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a Config saved with `save_config` (validated)."""
+    cfg = Config()
+    for key, value in _flatten(tree).items():
+        _apply(cfg, key, value)
+    return validate(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe() -> str:
+    """Every key with its default and its comment (for --help-config)."""
+    import ast
+    import inspect
+
+    lines = []
+    for section, cls in typing.get_type_hints(Config).items():
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        docs = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+        defaults = dataclasses.asdict(cls())
+        for name in _field_types(cls):
+            lines.append(f"{section}.{name} = {defaults[name]!r}\n    {docs.get(name, '')}")
+    return "\n".join(lines)

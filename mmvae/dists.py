@@ -1,0 +1,102 @@
+"""Distribution families, scale parameterisations and log-space helpers.
+
+Densities are written as plain functions of (value, loc, scale) rather than through
+`torch.distributions` objects so that the estimators can evaluate the same density with its
+parameters detached (DReG) and so that every log-density is computed in fp32 whatever the
+networks' autocast precision. Noise is drawn in its standard form (loc 0, scale 1) and moved by
+`reparam`, which lets the trainer draw the noise of all K particles once and hand slices of it to
+particle shards or K-chunks: the union of the slices is exactly the one-process draw.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import distributions as td
+
+ETA = 1e-6
+"""Small constant added to scales (REFERENCE.md: eta)."""
+
+
+def log_mean_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """log (1/n) sum_i exp(x_i) over `dim`, stably."""
+    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
+
+
+@dataclass(frozen=True)
+class Family:
+    """A location-scale family: standard noise, reparameterisation, log-density, torch object."""
+
+    name: str
+    noise: Callable[[tuple, torch.Generator | None, torch.device], torch.Tensor]
+    log_prob: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    torch_cls: type
+
+    def reparam(self, loc: torch.Tensor, scale: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """z = loc + scale * eps, with eps drawn from `noise` (loc 0, scale 1)."""
+        return loc + scale * eps
+
+    def dist(self, loc: torch.Tensor, scale: torch.Tensor) -> td.Distribution:
+        """The torch.distributions object, for analytic KL and sampling in pictures."""
+        return self.torch_cls(loc, scale)
+
+
+def _normal_noise(shape, generator, device):
+    return torch.randn(shape, generator=generator, device=device)
+
+
+def _laplace_noise(shape, generator, device):
+    # Inverse CDF of the standard Laplace from u ~ U(-1, 1); clamp keeps log1p finite.
+    u = torch.rand(shape, generator=generator, device=device) * 2 - 1
+    u = u.clamp(-1 + 1e-7, 1 - 1e-7)
+    return -torch.sign(u) * torch.log1p(-u.abs())
+
+
+def _normal_log_prob(x, loc, scale):
+    x, loc, scale = x.float(), loc.float(), scale.float()
+    return -((x - loc) ** 2) / (2 * scale**2) - scale.log() - 0.5 * math.log(2 * math.pi)
+
+
+def _laplace_log_prob(x, loc, scale):
+    x, loc, scale = x.float(), loc.float(), scale.float()
+    return -(x - loc).abs() / scale - scale.log() - math.log(2)
+
+
+FAMILIES: dict[str, Family] = {
+    "normal": Family("normal", _normal_noise, _normal_log_prob, td.Normal),
+    "laplace": Family("laplace", _laplace_noise, _laplace_log_prob, td.Laplace),
+}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown distribution family {name!r}; valid: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def kl(family_q: Family, loc_q, scale_q, family_p: Family, loc_p, scale_p) -> torch.Tensor:
+    """KL(q || p) per dimension, analytic for the pairs torch registers (Laplace/Normal)."""
+    q = family_q.dist(loc_q.float(), scale_q.float())
+    p = family_p.dist(loc_p.float(), scale_p.float())
+    return td.kl_divergence(q, p)
+
+
+# --- scale parameterisations (REFERENCE.md §1) -------------------------------------------------
+
+def softmax_scale(raw: torch.Tensor, eta: float = ETA) -> torch.Tensor:
+    """D * softmax(raw) + eta over the last dim: the scales always sum to about D."""
+    return raw.shape[-1] * F.softmax(raw.float(), dim=-1) + eta
+
+
+def softplus_scale(raw: torch.Tensor, eta: float = ETA) -> torch.Tensor:
+    """softplus(raw) + eta."""
+    return F.softplus(raw.float()) + eta
+
+
+SCALES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
+    "softmax": softmax_scale,
+    "softplus": softplus_scale,
+}

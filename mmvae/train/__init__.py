@@ -1,0 +1,1 @@
+"""Training: the Accelerator and the process layout (dist), optimiser, checkpoints, the loop."""

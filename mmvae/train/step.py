@@ -1,0 +1,106 @@
+"""One training step and the test bound: noise, particle shards, chunks, backward.
+
+The estimator runs inside `ObjectiveModule.forward` so that DDP (which hooks `forward`) sees it;
+the model's own methods are what the estimators call.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmvae import objectives
+from mmvae.config import Config
+from mmvae.parallel import backward_objective, normalisers, shard_noise
+from mmvae.train.dist import any_rank
+
+
+class ObjectiveModule(nn.Module):
+    """Wraps a model so that `forward(xs, eps, reducer)` returns the estimator's (B,) output."""
+
+    def __init__(self, model: nn.Module, estimator):
+        super().__init__()
+        self.model = model
+        self.estimator = estimator
+
+    def forward(self, xs, eps, reducer=None):
+        return self.estimator(self.model, xs, eps[0].shape[0], eps=eps, reducer=reducer)
+
+
+def estimator_for(cfg: Config, multimodal: bool):
+    o = cfg.objective
+    return objectives.select(o.name, multimodal, looser=o.looser, variant=o.dreg_variant)
+
+
+def noise_seed(seed: int, step: int, dp_rank: int) -> int:
+    """A seed per (run seed, step, data-parallel group): the particle noise of a step is a pure
+    function of these, which makes resume exact and lets the P ranks of a group draw the same
+    K particles and keep their shard of them."""
+    return int(np.random.SeedSequence([seed, step, dp_rank]).generate_state(1)[0])
+
+
+def draw_noise(model, K: int, B: int, seed: int, device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [e.to(device) for e in model.sample_noise(K, B, generator=gen, device="cpu")]
+
+
+def batch_inputs(batch: dict, modalities: list[str], device) -> list[torch.Tensor]:
+    return [batch[m].to(device, non_blocking=True) for m in modalities]
+
+
+def train_step(ctx, batch: dict) -> dict:
+    """Forward, backward (chunked / sharded as configured) and an optimiser step.
+
+    Returns {"loss", "bound", "grad_norm", "skipped"}; a non-finite loss or gradient skips the
+    update (the caller counts and stops on too many in a row).
+    """
+    cfg, model, acc, layout = ctx.cfg, ctx.model, ctx.accelerator, ctx.layout
+    xs = batch_inputs(batch, model.modalities, acc.device)
+    B, K = xs[0].shape[0], cfg.objective.K
+    eps = draw_noise(model, K, B, noise_seed(cfg.train.seed, ctx.step, layout.dp_rank), acc.device)
+    eps = shard_noise(eps, layout.shard_index, layout.particle_shards)
+
+    def backward(loss, last):
+        if last:
+            acc.backward(loss)
+        else:
+            with acc.no_sync(ctx.wrapped):
+                acc.backward(loss)
+
+    def estimator(_model, xs_, K_, eps=None, reducer=None):
+        return ctx.wrapped(xs_, eps, reducer)
+
+    ctx.optimizer.zero_grad(set_to_none=True)
+    with acc.autocast():
+        if cfg.objective.name == "elbo":
+            value = ctx.wrapped(xs, eps)
+            acc.backward(-value.mean())
+            value = value.detach()
+        else:
+            # DDP averages gradients over all ranks; the estimator's gradient is a sum over the
+            # P particle shards of a group, so each rank's loss is scaled by P.
+            value = backward_objective(estimator, model, xs, eps, looser=ctx.looser,
+                                       k_chunk=cfg.objective.k_chunk, reducer=layout.reducer,
+                                       loss_scale=layout.particle_shards, backward=backward)
+    bound = value.mean()
+    max_norm = cfg.train.grad_clip or float("inf")
+    grad_norm = acc.clip_grad_norm_(ctx.params, max_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    finite = bool(torch.isfinite(bound)) and np.isfinite(grad_norm)
+    skipped = any_rank(not finite, acc)
+    if skipped:
+        ctx.optimizer.zero_grad(set_to_none=True)
+    else:
+        ctx.optimizer.step()
+    return {"loss": -float(bound), "bound": float(bound), "grad_norm": grad_norm,
+            "skipped": skipped}
+
+
+@torch.no_grad()
+def test_bound(model, xs: list[torch.Tensor], K: int, k_chunk: int, seed: int) -> torch.Tensor:
+    """The paper's test objective: the joint m_iwae (iwae for one modality) with K particles,
+    `k_chunk` at a time; (B,)."""
+    eps = draw_noise(model, K, xs[0].shape[0], seed, xs[0].device)
+    fixed = normalisers(model, xs, eps, looser=False, k_chunk=k_chunk or K,
+                        reducer=objectives.LocalReducer())
+    return fixed.lse - np.log(fixed.total)
