@@ -21,6 +21,11 @@ ETA = 1e-6
 """Small constant added to scales (REFERENCE.md: eta)."""
 
 
+def fp32(t: torch.Tensor) -> torch.Tensor:
+    """At least single precision: half/bfloat16 autocast outputs go up to fp32, fp64 stays."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def log_mean_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
     """log (1/n) sum_i exp(x_i) over `dim`, stably."""
     return torch.logsumexp(x, dim) - math.log(x.shape[dim])
@@ -56,12 +61,12 @@ def _laplace_noise(shape, generator, device):
 
 
 def _normal_log_prob(x, loc, scale):
-    x, loc, scale = x.float(), loc.float(), scale.float()
+    x, loc, scale = fp32(x), fp32(loc), fp32(scale)
     return -((x - loc) ** 2) / (2 * scale**2) - scale.log() - 0.5 * math.log(2 * math.pi)
 
 
 def _laplace_log_prob(x, loc, scale):
-    x, loc, scale = x.float(), loc.float(), scale.float()
+    x, loc, scale = fp32(x), fp32(loc), fp32(scale)
     return -(x - loc).abs() / scale - scale.log() - math.log(2)
 
 
@@ -79,8 +84,8 @@ def get_family(name: str) -> Family:
 
 def kl(family_q: Family, loc_q, scale_q, family_p: Family, loc_p, scale_p) -> torch.Tensor:
     """KL(q || p) per dimension, analytic for the pairs torch registers (Laplace/Normal)."""
-    q = family_q.dist(loc_q.float(), scale_q.float())
-    p = family_p.dist(loc_p.float(), scale_p.float())
+    q = family_q.dist(fp32(loc_q), fp32(scale_q))
+    p = family_p.dist(fp32(loc_p), fp32(scale_p))
     return td.kl_divergence(q, p)
 
 
@@ -88,12 +93,12 @@ def kl(family_q: Family, loc_q, scale_q, family_p: Family, loc_p, scale_p) -> to
 
 def softmax_scale(raw: torch.Tensor, eta: float = ETA) -> torch.Tensor:
     """D * softmax(raw) + eta over the last dim: the scales always sum to about D."""
-    return raw.shape[-1] * F.softmax(raw.float(), dim=-1) + eta
+    return raw.shape[-1] * F.softmax(fp32(raw), dim=-1) + eta
 
 
 def softplus_scale(raw: torch.Tensor, eta: float = ETA) -> torch.Tensor:
     """softplus(raw) + eta."""
-    return F.softplus(raw.float()) + eta
+    return F.softplus(fp32(raw)) + eta
 
 
 SCALES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmvae.dists import ETA, SCALES, Family, get_family
+from mmvae.dists import ETA, SCALES, Family, fp32, get_family
 
 
 _LOG_NORM = {"laplace": lambda s: math.log(2 * s),
@@ -34,7 +34,7 @@ class LocScaleLikelihood:
         """log p(x|z) summed over the last `ndims` dims, fp32. With a fixed scalar scale the
         distance is summed first and scaled once: a third of the memory passes of the
         elementwise density over (M, K, B, *data_shape)."""
-        diff = (x.float() - out.float()).flatten(-ndims)  # (..., n)
+        diff = (fp32(x) - fp32(out)).flatten(-ndims)  # (..., n)
         if self.family == "laplace":
             energy = diff.abs().sum(-1) / self.scale
         else:
@@ -70,7 +70,7 @@ class LatentModel(nn.Module):
         loc, scale = self.prior_params()
         eps = self.prior_family.noise((n, self.latent_dim), generator, loc.device)
         z = self.prior_family.reparam(loc, scale, eps)
-        return [e.likelihood.mean(e.decode(z)).float() for e in self.experts]
+        return [fp32(e.likelihood.mean(e.decode(z))) for e in self.experts]
 
     @torch.no_grad()
     def reconstruct(self, xs: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -79,7 +79,7 @@ class LatentModel(nn.Module):
         for expert, x in zip(self.experts, xs):
             loc, scale = expert.posterior(x)
             z = expert.posterior_family.dist(loc, scale).sample()
-            grid.append([e.likelihood.mean(e.decode(z)).float() for e in self.experts])
+            grid.append([fp32(e.likelihood.mean(e.decode(z))) for e in self.experts])
         return grid
 
 
@@ -125,7 +125,7 @@ class VAE(LatentModel):
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z|x), each (B, D), fp32."""
         loc, raw = self.enc(x)
-        return loc.float(), self._posterior_scale(raw, ETA)
+        return fp32(loc), self._posterior_scale(raw, ETA)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Likelihood parameters for latents (..., D) -> (..., *data_shape), one decoder call."""

@@ -1,0 +1,127 @@
+"""One training step of the real trainer code in each layout; run by tests/test_distributed.py.
+
+    accelerate launch --multi_gpu --num_processes 2 ... tests/distributed/particle_step.py OUT
+    python tests/distributed/particle_step.py OUT          (the one-process reference)
+
+For each case (model x objective x looser) it builds the model from the same seed, takes one
+step with `mmvae.train.step.train_step` on a fixed batch, and (rank 0) saves the bound and the
+updated parameters to OUT/<case>-<layout>.pt. Layouts: P=2 (two ranks split the K particles of
+one batch) and DP (two data-parallel ranks, each with half the batch); one process runs `ref`.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from mmvae.config import Config
+from mmvae.registry import build_model
+from mmvae.train.dist import make_layout
+from mmvae.train.optim import make_optimizer
+from mmvae.train.step import (ObjectiveModule, draw_noise, estimator_for, noise_seed,
+                              train_step)
+
+# (model, objective, looser, dtype). mnist_svhn's log-weights are ~ -5e3, where one fp32 ulp is
+# ~5e-4: its weights can only agree to ~1e-3 across layouts in fp32 (decoder calls on K/P vs K
+# particles round differently), so the exactness of the algebra is checked in fp64 and fp32 is
+# checked to that ulp-level tolerance.
+CASES = [(m, o, lo, dt) for m, dt in (("gaussian_pair", "fp32"), ("mnist_svhn", "fp64"),
+                                      ("mnist_svhn", "fp32"))
+         for o in ("iwae", "dreg") for lo in (False, True)]
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+K, B = 4, 6
+
+
+def batch_for(model_name: str, dtype) -> dict:
+    g = torch.Generator().manual_seed(123)
+    if model_name == "gaussian_pair":
+        batch = {"x1": torch.randn(B, 3, generator=g), "x2": torch.randn(B, 3, generator=g)}
+    else:
+        batch = {"mnist": torch.rand(B, 1, 28, 28, generator=g),
+                 "svhn": torch.rand(B, 3, 32, 32, generator=g)}
+    return {k: v.to(dtype) for k, v in batch.items()}
+
+
+def new_model(cfg, dtype):
+    torch.manual_seed(cfg.train.seed)
+    return build_model(cfg.model.name, latent_dim=3, data_dim=3, learn_prior=True).to(dtype)
+
+
+def config(model_name, objective, looser, P) -> Config:
+    cfg = Config()
+    cfg.model.name, cfg.model.latent_dim, cfg.model.learn_prior = model_name, 3, True
+    cfg.model.data_dim = 3
+    cfg.objective.name, cfg.objective.looser, cfg.objective.K = objective, looser, K
+    cfg.parallel.particle_shards, cfg.train.seed = P, 7
+    return cfg
+
+
+def one_step(accelerator, layout, cfg, batch, dtype) -> tuple[float, dict]:
+    model = new_model(cfg, dtype)
+    optimizer = make_optimizer(model, 1e-2)
+    wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
+    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
+    ctx = SimpleNamespace(cfg=cfg, model=model, accelerator=accelerator, layout=layout, step=0,
+                          wrapped=wrapped, optimizer=optimizer, looser=cfg.objective.looser,
+                          params=[p for p in model.parameters() if p.requires_grad])
+    stats = train_step(ctx, batch)
+    return stats["bound"], _snapshot(model)
+
+
+def _snapshot(model) -> dict:
+    """Updated parameters and the gradients of the step (Adam's first step is ~lr*sign(g), so
+    parameters alone would not show a gradient off by a constant factor)."""
+    return {name: (p.detach().clone(), p.grad.detach().clone())
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def dp_reference(cfg, batch, world, dtype) -> tuple[float, dict]:
+    """Data parallelism by hand: the mean of the halves' losses, each half with the noise its
+    data-parallel rank draws; plain torch, no Accelerate."""
+    model = new_model(cfg, dtype)
+    optimizer = make_optimizer(model, 1e-2)
+    estimator, half, bounds = estimator_for(cfg, model.multimodal), B // world, []
+    for r in range(world):
+        xs = [batch[m][r * half:(r + 1) * half] for m in model.modalities]
+        eps = draw_noise(model, K, half, noise_seed(cfg.train.seed, 0, r), "cpu")
+        out = estimator(model, xs, K, eps=eps)
+        (-out.mean() / world).backward()
+        bounds.append(float(out.mean()))
+    optimizer.step()
+    return sum(bounds) / world, _snapshot(model)
+
+
+def main(argv=None) -> int:
+    from accelerate import Accelerator
+
+    out = Path((argv or sys.argv[1:])[0])
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    world = accelerator.num_processes
+    layouts = {"ref": 1, "DPref": 1} if world == 1 else {"P2": 2, "DP": 1}
+    for name, P in layouts.items():
+        cfg0 = config("gaussian_pair", "iwae", False, P)
+        layout = make_layout(accelerator, cfg0)
+        for model_name, objective, looser, dt in CASES:
+            cfg = config(model_name, objective, looser, P)
+            batch = batch_for(model_name, DTYPES[dt])
+            if name == "DP":  # each data-parallel rank holds half of the batch
+                half = B // world
+                batch = {k: v[layout.dp_rank * half:(layout.dp_rank + 1) * half]
+                         for k, v in batch.items()}
+            if name == "DPref":
+                bound, params = dp_reference(cfg, batch, 2, DTYPES[dt])
+            else:
+                bound, params = one_step(accelerator, layout, cfg, batch, DTYPES[dt])
+            bounds = accelerator.gather(torch.tensor([bound])).tolist()
+            if accelerator.is_main_process:
+                torch.save({"bounds": bounds, "params": params},
+                           out / f"{model_name}-{objective}-{int(looser)}-{dt}-{name}.pt")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
