@@ -43,6 +43,15 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with)
 
 
+def release(accelerator: Accelerator) -> None:
+    """End the trackers and forget the Accelerator's settings (the process group stays), so
+    `fit` can run again in the same process with other settings (tests, notebooks)."""
+    from accelerate.state import AcceleratorState
+
+    accelerator.end_training()
+    AcceleratorState._reset_state()
+
+
 def make_layout(accelerator: Accelerator, cfg: Config) -> Layout:
     world, rank, P = accelerator.num_processes, accelerator.process_index, cfg.parallel.particle_shards
     if world % P:

@@ -24,7 +24,7 @@ from mmvae.log import MetricsLog, TrainProgress, console
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.dist import (Layout, all_sum, any_rank, broadcast, make_accelerator,
-                              make_layout, start_trackers)
+                              make_layout, release, start_trackers)
 from mmvae.train.optim import make_optimizer
 from mmvae.train.step import ObjectiveModule, batch_inputs, estimator_for, test_bound, train_step
 
@@ -303,7 +303,7 @@ def fit(cfg: Config, resume: str | None = None) -> tuple[Path, str]:
     status = "stopped" if ctx.stop_requested and not _done(ctx) else "done"
     if status == "done":
         _finish(ctx, time.perf_counter() - t0, ctx.step - step0)
-    acc.end_training()
+    release(acc)
     return ctx.run_dir, status
 
 
