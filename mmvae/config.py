@@ -121,12 +121,35 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list = field(default_factory=lambda: ["likelihood"])
-    """Metrics computed by launch/evaluate.py."""
+    metrics: list = field(default_factory=lambda: ["likelihood", "coherence", "latent",
+                                                   "pictures"])
+    """Metrics computed by launch/evaluate.py: likelihood | coherence (digit pairs) | latent |
+    pictures; inapplicable ones are skipped with a note."""
     iwae_K: int = 1000
     """Particles of the IWAE log-likelihood estimates."""
     k_chunk: int = 100
     """Particles alive at once in evaluation."""
+    batch_size: int = 128
+    """Test batch size of coherence and latent accuracy."""
+    likelihood_batch: int = 32
+    """Test batch size of the likelihoods: M * k_chunk * likelihood_batch decodes per decoder
+    are alive at once (the paper used 12 with all K = 1000 at once)."""
+    max_datapoints: int = 0
+    """Likelihood and cross coherence: stop after this many test datapoints (0 = all)."""
+    coherence_samples: int = 10000
+    """Prior samples of the joint coherence (paper: 10,000)."""
+    coherence_pairs: str = "auto"
+    """unique (each unique test image once) | shards (the duplicated test pairs) | auto."""
+    classifier_epochs: int = 30
+    """Epochs of the digit classifiers over the unique train images (cached next to shards)."""
+    latent_max_train: int = 20000
+    """Latent accuracy without unique images: at most this many train datapoints."""
+    embedding: str = "umap"
+    """umap (paper) | tsne | pca: the latent embedding method."""
+    plot_batch: int = 128
+    """Datapoints of the first test batch shown in pictures and plots."""
+    toy_datapoints: int = 1000
+    """Test datapoints sampled from the linear-Gaussian reference models (no shards)."""
 
 
 @dataclass
@@ -155,13 +178,18 @@ CHOICES = {
     "data.on_error": ("skip", "raise"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "logging.wandb": ("offline", "online", "disabled"),
+    "eval.coherence_pairs": ("auto", "unique", "shards"),
+    "eval.embedding": ("umap", "tsne", "pca"),
 }
 POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.particle_shards",
-            "train.keep_last", "train.max_bad_steps", "eval.iwae_K")
+            "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
+            "eval.likelihood_batch", "eval.coherence_samples", "eval.plot_batch",
+            "eval.toy_datapoints")
 NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
                 "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
                 "train.test_every", "train.test_batches", "model.llik_scaling",
-                "eval.k_chunk", "model.num_hidden_layers")
+                "eval.k_chunk", "model.num_hidden_layers", "eval.max_datapoints",
+                "eval.classifier_epochs", "eval.latent_max_train")
 
 
 def _sections():

@@ -65,3 +65,13 @@ def test_save_and_load_round_trip(tmp_path):
         torch.testing.assert_close(O.m_iwae(again, xs, eps=eps), O.m_iwae(model, xs, eps=eps))
     with pytest.raises(FileNotFoundError, match="model.json"):
         mmvae.load_model(tmp_path / "model" / "nothing-here")
+
+
+def test_svhn_decoder_fast_path_equals_the_plain_layer_stack():
+    from mmvae.nets import svhn
+
+    torch.manual_seed(0)
+    dec = svhn.Decoder(7)
+    z = torch.randn(5, 7)
+    plain = dec.body.to(memory_format=torch.contiguous_format)(z.reshape(5, 7, 1, 1))
+    torch.testing.assert_close(dec(z), plain, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,34 @@
+"""Data layer: shard writing/checking, the streaming WebDataset pipeline, dataset recipes.
+
+Public names are resolved lazily (PEP 562) so that ``import mmvae.data`` and
+``python -m mmvae.data verify`` do not import torch, webdataset, Pillow or scikit-learn until
+they are needed (the GPU machine may lack some of them).
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "write_shards": "mmvae.data.writer",
+    "write_manifest": "mmvae.data.writer",
+    "read_manifest": "mmvae.data.writer",
+    "verify_shards": "mmvae.data.writer",
+    "make_loader": "mmvae.data.pipeline",
+    "Loader": "mmvae.data.pipeline",
+    "ShardDataError": "mmvae.data.pipeline",
+    "pair_by_class": "mmvae.data.recipes.pairing",
+    "expected_num_pairs": "mmvae.data.recipes.pairing",
+    "build_digits": "mmvae.data.recipes.digits",
+    "ensure_builtin": "mmvae.data.builtin",
+    "BUILTINS": "mmvae.data.builtin",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,32 @@
+"""Built-in datasets that can be generated offline on first use (no download)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mmvae.data.recipes.digits import build_digits
+from mmvae.data.writer import MANIFEST, read_manifest
+
+log = logging.getLogger(__name__)
+
+BUILTINS = {"digits": build_digits}
+
+
+def ensure_builtin(shards_dir, dataset: str, **build_kwargs) -> dict:
+    """Return the manifest of ``shards_dir``, building built-in ``dataset`` there first if the
+    folder has no manifest yet (call on the main process only; others wait at a barrier).
+
+    Raises:
+        ValueError: no manifest and ``dataset`` is not a built-in (lists the valid names).
+    """
+    if (Path(shards_dir) / MANIFEST).is_file():
+        manifest = read_manifest(shards_dir)
+        if manifest["dataset"] != dataset:
+            log.warning("%s holds dataset %r, not %r", shards_dir, manifest["dataset"], dataset)
+        return manifest
+    if dataset not in BUILTINS:
+        raise ValueError(f"no manifest in {shards_dir} and {dataset!r} is not a built-in dataset "
+                         f"(built-ins: {', '.join(sorted(BUILTINS))}); build its shards with its "
+                         f"launch/shard_*.py script")
+    log.info("building built-in dataset %r in %s", dataset, shards_dir)
+    return BUILTINS[dataset](shards_dir, **build_kwargs)

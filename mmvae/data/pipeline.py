@@ -1,0 +1,647 @@
+"""Streaming WebDataset pipeline: shards -> dict batches of tensors.
+
+The pipeline is a visible list of named stages (see :func:`build_stages`), in the style of
+open_clip's ``get_wds_dataset``::
+
+    shards             shard list from manifest.json; shuffled per (seed, epoch, pass)
+    split_by_dp_group  every dp_size-th shard, from dp_rank (NOT the global rank: the ranks of
+                       one particle group share dp_rank and must see the same batches)
+    split_by_worker    every num_workers-th of those, per DataLoader worker
+    open               open each shard (closed as soon as it has been read)
+    tar                tar members -> samples (webdataset), errors -> handler
+    select_keys        keep the requested key stems; a missing one is a bad sample
+    shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
+    decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...
+    repeat_passes      the stages above form one pass over the rank's shards; training repeats
+                       passes (reshuffled) until the quota below is met
+    batch              collate: stack arrays, gather ints, list the rest
+    tensors            numpy -> torch (images stay uint8 until the main process: 4× less to
+                       send from workers; ``images_to_float`` makes them float32 in [0, 1])
+    take_quota         exactly this worker's share of len(loader) batches (training only)
+    count_errors       attach this worker's skipped-sample count to the batch
+
+Equal batches on every rank (no DDP hang): with ``drop_last=True`` the shard stream repeats
+(reshuffled each pass) and ``take_quota`` stops every rank after exactly
+``len(loader) = num_samples // (dp_size * batch_size)`` batches, split over its workers.
+With ``drop_last=False`` (evaluation) each rank reads its shards exactly once and may end
+with a partial batch; ranks can then differ by a few batches (``loader.batches_per_rank``),
+so multi-rank evaluation must either pad to ``max(batches_per_rank)`` or run on dp_size=1.
+
+Bad data (truncated tar, corrupt image, missing key) goes through one handler that logs a
+warning naming the shard and key and either skips and counts it (``on_error="skip"``) or
+raises :class:`ShardDataError` naming the shard (``on_error="raise"``). ``loader.errors`` is
+the number skipped so far: with workers, each worker counts its own and sends the count with
+each batch, so the total reaches the main process; errors a worker meets after its last
+batch (e.g. samples left in its shuffle buffer) are not reported.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mmvae.data.writer import read_manifest
+
+log = logging.getLogger(__name__)
+
+ON_ERROR = ("skip", "raise")
+IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "ppm", "pgm", "pbm", "bmp", "webp", "tif", "tiff"})
+_TAG_SHARDS, _TAG_BUFFER = 11, 12
+_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
+
+
+class ShardDataError(RuntimeError):
+    """Bad data in a shard (the message names the shard), or too little good data left."""
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from non-negative ints (seed, epoch, rank, worker, tag)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+def _worker_info() -> tuple[int, int]:
+    """(worker id, number of workers); (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+@dataclass
+class EpochState:
+    """Seed and epoch shared by the seeded stages. The loader sets ``epoch``; workers are not
+    persistent, so each epoch's workers receive a fresh copy with the current value."""
+
+    seed: int
+    epoch: int
+
+
+# ----------------------------------------------------------------------------- error handling
+_OPENED_FILE = re.compile(r" @ <[^>]*name='([^']+)'>")
+
+
+def _describe(exn: BaseException) -> tuple[str, str]:
+    """(shard, message) of an exception from webdataset's tar stages: it appends the shard
+    path to ``args`` or ' @ <file name=...>' to the message."""
+    args = getattr(exn, "args", ()) or ("",)
+    message = str(args[0])
+    shard = next((a for a in reversed(args[1:]) if isinstance(a, str) and a.endswith(".tar")), None)
+    opened = _OPENED_FILE.search(message)
+    if opened:
+        shard = shard or opened.group(1)
+        message = _OPENED_FILE.sub("", message)
+    return shard or "unknown shard", f"{type(exn).__name__}: {message}"
+
+
+class ErrorCounter:
+    """The one error handler of the pipeline (also a webdataset ``handler=``).
+
+    Logs a warning naming the shard and sample key, then skips and counts (``"skip"``) or
+    raises :class:`ShardDataError` (``"raise"``)."""
+
+    def __init__(self, on_error: str):
+        self.on_error = on_error
+        self.count = 0
+        self._taken = 0
+        self._last_tar_error = None
+
+    def good_sample(self) -> None:
+        """A sample got through: a later repeat of the last tar error is a new event."""
+        self._last_tar_error = None
+
+    def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ShardDataError):  # already reported by an inner stage: re-raise it
+            exn.args = exn.args[:1]          # as it was (webdataset appended stream and url)
+            raise exn
+        shard, message = _describe(exn)
+        # A truncated tar fails in webdataset's member loop and again right after in its shard
+        # loop: one event, reported once.
+        if (shard, message) == self._last_tar_error:
+            return True
+        self._last_tar_error = (shard, message)
+        return self.report(shard, None, message, exn)
+
+    def report(self, shard: str, key: str | None, what: str, exn: BaseException | None = None) -> bool:
+        where = f"shard {shard}" + (f", sample {key}" if key else "")
+        if self.on_error == "raise":
+            raise ShardDataError(f"bad data in {where}: {what}") from exn
+        self.count += 1
+        log.warning("skipping bad data in %s: %s", where, what)
+        return True
+
+    def take(self) -> int:
+        """Errors counted since the last call."""
+        delta, self._taken = self.count - self._taken, self.count
+        return delta
+
+
+# ----------------------------------------------------------------------------- shard stages
+class ShardSource:
+    """Stage ``shards``: yields ``{"url": path}`` for every shard, shuffled with (seed, epoch,
+    pass) — the same on every rank, so the dp split below is a partition of the split."""
+
+    def __init__(self, files: Sequence[str], state: EpochState, *, shuffle: bool):
+        self.files, self.state, self.shuffle = list(files), state, shuffle
+        self.pass_index = 0  # set by RepeatPasses
+
+    def order(self, epoch: int, pass_index: int) -> list[str]:
+        files = list(self.files)
+        if self.shuffle:
+            random.Random(mix_seed(self.state.seed, epoch, pass_index, _TAG_SHARDS)).shuffle(files)
+        return files
+
+    def __call__(self) -> Iterator[dict]:
+        for url in self.order(self.state.epoch, self.pass_index):
+            yield {"url": url}
+
+
+class RepeatPasses:
+    """Stage ``repeat_passes``: run the per-pass stages (shards ... decode) up to ``passes``
+    times. Each pass is complete (the shuffle buffer drains) before the next starts, so a
+    rank reads all of its own shards first and repeats only to fill a short quota; the
+    stages after this one stop the stream once the quota is met."""
+
+    def __init__(self, per_pass: wds.DataPipeline, source: ShardSource | None, passes: int):
+        self.per_pass, self.source, self.passes = per_pass, source, passes
+
+    def __call__(self) -> Iterator[dict]:
+        for pass_index in range(self.passes):
+            if self.source is not None:
+                self.source.pass_index = pass_index
+            yield from self.per_pass
+
+
+class SplitByDPGroup:
+    """Stage ``split_by_dp_group``: every ``dp_size``-th shard starting at ``dp_rank``. Ranks
+    are passed explicitly instead of read from RANK/WORLD_SIZE (webdataset's split_by_node),
+    because ranks holding different particles of the same batch must read the same shards."""
+
+    def __init__(self, dp_rank: int, dp_size: int):
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __call__(self, src):
+        return islice(src, self.dp_rank, None, self.dp_size)
+
+
+class ResampleSeed:
+    """``worker_seed`` for ``wds.ResampledShards``: distinct per (seed, epoch, dp_rank,
+    worker) and reproducible (the default mixes in time and pid)."""
+
+    def __init__(self, state: EpochState, dp_rank: int):
+        self.state, self.dp_rank = state, dp_rank
+
+    def __call__(self) -> int:
+        return mix_seed(self.state.seed, self.state.epoch, self.dp_rank, _worker_info()[0], _TAG_SHARDS)
+
+
+class OpenShards:
+    """Stage ``open``: open each shard with ``wds.gopen`` (local paths, ``pipe:``, URLs) and
+    close it as soon as the tar stage has read it; webdataset's own opener leaves closing to
+    the garbage collector (a ResourceWarning per shard, open descriptors meanwhile)."""
+
+    def __init__(self, errors: ErrorCounter):
+        self.errors = errors
+
+    def __call__(self, src):
+        for source in src:
+            try:
+                stream = wds.gopen(source["url"])
+            except Exception as exn:  # noqa: BLE001 - unreadable shard: skip or raise
+                exn.args = exn.args + (source["url"],)
+                self.errors(exn)
+                continue
+            try:
+                yield {**source, "stream": stream}
+            finally:
+                stream.close()
+
+
+class TarSamples:
+    """Stage ``tar``: tar members -> samples grouped by key (webdataset's expander and
+    grouper, with our error handler)."""
+
+    def __init__(self, errors: ErrorCounter):
+        self.errors = errors
+
+    def __call__(self, src):
+        files = wds.tariterators.tar_file_expander(src, handler=self.errors)
+        return wds.tariterators.group_by_keys(files, handler=self.errors)
+
+
+# ----------------------------------------------------------------------------- sample stages
+class SelectKeys:
+    """Stage ``select_keys``: keep the requested key stems (``mnist`` for ``mnist.png``) as
+    ``stem -> (extension, bytes)``; a sample lacking one is reported and dropped."""
+
+    def __init__(self, stems: Sequence[str], errors: ErrorCounter):
+        self.stems, self.errors = tuple(stems), errors
+
+    def __call__(self, src):
+        for sample in src:
+            found = {}
+            for name, value in sample.items():
+                stem, _, ext = name.partition(".")
+                if stem in self.stems:
+                    found[stem] = (ext, value)
+            missing = [s for s in self.stems if s not in found]
+            if missing:
+                self.errors.report(sample.get("__url__", "?"), sample.get("__key__"),
+                                   f"missing key(s) {', '.join(missing)}")
+                continue
+            found["__key__"], found["__url__"] = sample.get("__key__"), sample.get("__url__")
+            self.errors.good_sample()
+            yield found
+
+
+class ShuffleBuffer:
+    """Stage ``shuffle``: webdataset's shuffle buffer with an rng seeded from (seed, epoch,
+    dp_rank, worker), so the order is reproducible (wds' default seeds from pid and time)."""
+
+    def __init__(self, bufsize: int, state: EpochState, dp_rank: int):
+        self.bufsize, self.state, self.dp_rank = bufsize, state, dp_rank
+
+    def __call__(self, src):
+        rng = random.Random(mix_seed(self.state.seed, self.state.epoch, self.dp_rank,
+                                     _worker_info()[0], _TAG_BUFFER))
+        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
+
+
+def decode_image(data: bytes, ext: str = "") -> np.ndarray:
+    """PNG/JPEG/... bytes -> uint8 (C, H, W); grayscale stays 1 channel, all else RGB.
+
+    Pillow only (torchvision's decoders are deprecated since 0.29). The format hint skips
+    Pillow's format probing and ``tobytes`` beats ``np.asarray``: together ~30% faster on
+    small images."""
+    stream = io.BytesIO(data)
+    try:
+        image = Image.open(stream, formats=_PIL_FORMATS.get(ext))
+    except Image.UnidentifiedImageError:  # wrong extension: let Pillow probe every format
+        image = Image.open(io.BytesIO(data))
+    with image:
+        image.load()  # Pillow decodes lazily: force it here so corrupt data raises here
+        if image.mode not in ("L", "RGB"):
+            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
+        array = np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, -1)
+    return array.transpose(2, 0, 1)
+
+
+def decode_value(ext: str, data: bytes) -> tuple[str, Any]:
+    """Decode one payload by its (last) file extension into (kind, value)."""
+    last = ext.rsplit(".", 1)[-1].lower()
+    if last in IMAGE_EXTS:
+        return "image", decode_image(data, last)
+    if last == "cls":
+        return "int", int(data.decode("utf-8").strip())
+    if last == "npy":
+        return "array", np.load(io.BytesIO(data), allow_pickle=False)
+    if last == "json":
+        return "json", json.loads(data)
+    if last == "txt":
+        return "text", data.decode("utf-8")
+    return "bytes", data
+
+
+class Decode:
+    """Stage ``decode``: every selected payload by extension; a failure is reported and the
+    sample dropped."""
+
+    def __init__(self, errors: ErrorCounter):
+        self.errors = errors
+
+    def __call__(self, src):
+        for sample in src:
+            out = {"__key__": sample["__key__"]}
+            try:
+                for stem, value in sample.items():
+                    if not stem.startswith("__"):
+                        out[stem] = decode_value(*value)
+            except Exception as exn:  # corrupt image, bad int, bad json: skip or raise
+                self.errors.report(sample["__url__"], sample["__key__"],
+                                   f"cannot decode {stem}.{value[0]} ({type(exn).__name__}: {exn})", exn)
+                continue
+            yield out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stage ``batch`` (collation): stack images/arrays, gather ints; json/text stay lists."""
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
+    for stem in samples[0]:
+        if stem.startswith("__"):
+            continue
+        kind = samples[0][stem][0]
+        values = [s[stem][1] for s in samples]
+        if kind in ("image", "array"):
+            values = np.stack(values)
+        elif kind == "int":
+            values = np.asarray(values, dtype=np.int64)
+        batch[stem] = (kind, values)
+    return batch
+
+
+class ToTensors:
+    """Stage ``tensors``: images -> uint8 tensors, arrays -> float32, ints -> int64."""
+
+    def __init__(self, return_keys: bool):
+        self.return_keys = return_keys
+
+    def __call__(self, src):
+        for batch in src:
+            out = {"__key__": batch["__key__"]} if self.return_keys else {}
+            for stem, value in batch.items():
+                if stem.startswith("__"):
+                    continue
+                kind, value = value
+                if kind == "image":  # stays uint8 until the main process: see images_to_float
+                    value = torch.from_numpy(value)
+                elif kind == "array":
+                    value = torch.from_numpy(np.ascontiguousarray(value)).float()
+                elif kind == "int":
+                    value = torch.from_numpy(value)
+                out[stem] = value
+            yield out
+
+
+def images_to_float(batch: dict) -> dict:
+    """Last step, in the main process: uint8 image tensors -> float32 in [0, 1]. Images cross
+    the worker -> main pipe as uint8 (4× less data; measurably faster with workers), and numpy
+    converts ~50× faster than torch's ``.float()`` on a 2-thread CPU."""
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
+            batch[name] = torch.from_numpy(np.multiply(value.numpy(), np.float32(1 / 255), dtype=np.float32))
+    return batch
+
+
+class TakeQuota:
+    """Stage ``take_quota``: this worker's share of the rank's ``batches`` (the first
+    ``batches % num_workers`` workers take one more), then stop. Running out first means
+    the skipped bad samples left too little data: raise rather than hang the other ranks."""
+
+    def __init__(self, batches: int, dp_rank: int):
+        self.batches, self.dp_rank = batches, dp_rank
+
+    def __call__(self, src):
+        worker, num_workers = _worker_info()
+        quota = self.batches // num_workers + int(worker < self.batches % num_workers)
+        if quota == 0:
+            return
+        done = 0
+        for batch in src:
+            yield batch
+            done += 1
+            if done == quota:
+                return
+        raise ShardDataError(f"dp rank {self.dp_rank} worker {worker} produced only {done} of its "
+                             f"{quota} batches: too many samples were skipped as bad (see warnings)")
+
+
+class CountErrors:
+    """Stage ``count_errors``: attach the errors this worker counted since its last batch, so
+    the main process can total them (worker processes cannot update the loader directly)."""
+
+    def __init__(self, errors: ErrorCounter):
+        self.errors = errors
+
+    def __call__(self, src):
+        for batch in src:
+            batch["__errors__"] = self.errors.take()
+            yield batch
+
+
+# ----------------------------------------------------------------------------- plan + loader
+@dataclass(frozen=True)
+class SplitInfo:
+    """The part of the manifest the loader needs for one split."""
+
+    files: tuple[str, ...]
+    counts: tuple[int, ...]
+    sample_stems: tuple[str, ...] | None
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.counts)
+
+
+def _split_info(shards_dir, split: str) -> SplitInfo:
+    manifest = read_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise ValueError(f"split {split!r} not in {shards_dir}/manifest.json; "
+                         f"available: {', '.join(manifest['splits'])}")
+    shards = manifest["splits"][split]["shards"]
+    if not shards:
+        raise ValueError(f"split {split!r} of {shards_dir} has no shards")
+    files = tuple(str(Path(shards_dir) / s["file"]) for s in shards)
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"shard {f} listed in the manifest is missing; rebuild the shards")
+    keys = manifest.get("sample_keys")
+    stems = tuple(k.partition(".")[0] for k in keys) if keys else None
+    return SplitInfo(files, tuple(int(s["count"]) for s in shards), stems)
+
+
+def _worker_counts(info: SplitInfo, source: ShardSource, epoch: int, dp_rank: int, dp_size: int,
+                   workers: int) -> list[int]:
+    """Samples each worker of ``dp_rank`` reads in one pass (mirrors the split stages)."""
+    count_of = dict(zip(info.files, info.counts))
+    mine = source.order(epoch, 0)[dp_rank::dp_size]
+    return [sum(count_of[f] for f in mine[w::workers]) for w in range(workers)]
+
+
+def _validate(info: SplitInfo, split: str, *, batch_size, modalities, num_workers, dp_rank, dp_size,
+              on_error, shuffle_buffer, resampled, drop_last) -> None:
+    """Every argument problem as one ValueError at construction, never a hang later."""
+    if batch_size < 1 or shuffle_buffer < 1:
+        raise ValueError(f"batch_size and shuffle_buffer must be >= 1 (got {batch_size}, {shuffle_buffer})")
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"need 0 <= dp_rank < dp_size, got dp_rank={dp_rank}, dp_size={dp_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if isinstance(modalities, str) or not modalities:
+        raise ValueError(f"modalities must be a non-empty list of key stems, got {modalities!r}")
+    if info.sample_stems is not None:
+        unknown = [m for m in modalities if m not in info.sample_stems]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; the shards hold {list(info.sample_stems)}")
+    readers = dp_size * max(1, num_workers)
+    if not resampled and len(info.files) < readers:
+        raise ValueError(
+            f"split {split!r} has {len(info.files)} shards but dp_size={dp_size} x "
+            f"num_workers={max(1, num_workers)} = {readers} readers each need at least one shard; "
+            f"rebuild with more (smaller) shards, or use fewer workers (data.num_workers)")
+    if (drop_last or resampled) and info.num_samples < dp_size * batch_size:
+        raise ValueError(f"split {split!r} has {info.num_samples} samples, fewer than one batch per "
+                         f"rank (dp_size={dp_size} x batch_size={batch_size}); lower batch_size")
+
+
+class Loader:
+    """Iterable of dict batches with an exact ``len()``; see the module docstring."""
+
+    def __init__(self, pipeline: wds.DataPipeline, stage_names: tuple[str, ...], *, info: SplitInfo,
+                 state: EpochState, errors: ErrorCounter, source: ShardSource | None,
+                 resampler, num_workers: int, batch_size: int, dp_rank: int, dp_size: int,
+                 fixed_batches: int | None):
+        self.pipeline, self.stages, self.info = pipeline, stage_names, info
+        self.state, self._counter, self._source, self._resampler = state, errors, source, resampler
+        self.num_workers, self.batch_size = num_workers, batch_size
+        self.dp_rank, self.dp_size, self._fixed = dp_rank, dp_size, fixed_batches
+        self.errors = 0  # bad samples skipped so far (all epochs)
+        self._loader = (pipeline if num_workers == 0 else
+                        wds.WebLoader(pipeline, batch_size=None, shuffle=False,
+                                      num_workers=num_workers, persistent_workers=False))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples in the whole split (all ranks)."""
+        return self.info.num_samples
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shard order and shuffle buffers for ``epoch`` (same on every rank)."""
+        self.state.epoch = int(epoch)
+
+    @property
+    def batches_per_rank(self) -> tuple[int, ...]:
+        """Batches each dp rank yields this epoch (all equal unless drop_last=False)."""
+        if self._fixed is not None:
+            return (self._fixed,) * self.dp_size
+        workers = max(1, self.num_workers)
+        return tuple(sum(-(-n // self.batch_size) for n in
+                         _worker_counts(self.info, self._source, self.epoch, r, self.dp_size, workers))
+                     for r in range(self.dp_size))
+
+    def __len__(self) -> int:
+        return self.batches_per_rank[self.dp_rank]
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._resampler is not None:
+            self._resampler.epoch = -1  # its own counter would make order depend on call count
+        for batch in self._loader:
+            self.errors += batch.pop("__errors__", 0)
+            yield images_to_float(batch)
+        if self.num_workers == 0:
+            self.errors += self._counter.take()
+
+    def __repr__(self) -> str:
+        return (f"Loader({len(self.info.files)} shards, {self.num_samples} samples, dp {self.dp_rank}/"
+                f"{self.dp_size}, {self.num_workers} workers, {len(self)} batches: {' -> '.join(self.stages)})")
+
+
+class Batch:
+    """Stage ``batch``: collate ``batch_size`` samples, yielding as soon as a batch is full
+    (webdataset's ``batched`` waits for one more sample, which would start an extra pass
+    just to discover that the quota is met)."""
+
+    def __init__(self, batch_size: int, partial: bool):
+        self.batch_size, self.partial = batch_size, partial
+
+    def __call__(self, src):
+        batch = []
+        for sample in src:
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch and self.partial:
+            yield collate(batch)
+
+
+def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, stems, batch_size,
+                 dp_rank, dp_size, num_workers, shuffle, shuffle_buffer, resampled, return_keys,
+                 fixed_batches) -> tuple[list[tuple[str, Any]], int, list[tuple[str, Any]]]:
+    """The pipeline as named stages: (per-pass stages, number of passes, per-batch stages).
+    ``fixed_batches`` (per rank; None for one exact pass) turns on repetition and
+    ``take_quota``."""
+    passes = 1
+    if fixed_batches is not None:  # enough passes to fill every worker's quota from clean data
+        per_worker = -(-fixed_batches // max(1, num_workers)) * batch_size
+        passes = -(-per_worker // min(info.counts)) + 1
+    if resampled:
+        source = wds.ResampledShards(list(info.files), nshards=passes * len(info.files), seed=state.seed,
+                                     worker_seed=ResampleSeed(state, dp_rank), deterministic=True)
+        per_pass, passes = [("shards", source)], 1
+    else:
+        per_pass = [("shards", ShardSource(info.files, state, shuffle=shuffle)),
+                    ("split_by_dp_group", SplitByDPGroup(dp_rank, dp_size)),
+                    ("split_by_worker", wds.split_by_worker)]
+    per_pass += [("open", OpenShards(errors)),
+                 ("tar", TarSamples(errors)),
+                 ("select_keys", SelectKeys(stems, errors))]
+    if shuffle:
+        per_pass.append(("shuffle", ShuffleBuffer(shuffle_buffer, state, dp_rank)))
+    per_pass.append(("decode", Decode(errors)))
+    per_batch = [("batch", Batch(batch_size, partial=fixed_batches is None)),
+                 ("tensors", ToTensors(return_keys))]
+    if fixed_batches is not None:
+        per_batch.append(("take_quota", TakeQuota(fixed_batches, dp_rank)))
+    per_batch.append(("count_errors", CountErrors(errors)))
+    return per_pass, passes, per_batch
+
+
+def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence[str],
+                num_workers: int = 0, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, epoch: int = 0,
+                shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
+                on_error: str = "skip", resampled: bool = False, return_keys: bool = False) -> Loader:
+    """Stream ``split`` of the shards in ``shards_dir`` as dict batches.
+
+    Each batch maps every requested modality stem to a tensor (images: float32 (B, C, H, W) in
+    [0, 1], grayscale kept as C=1; ``.npy``: float32; ``.cls``: int64 (B,); ``.json``/``.txt``:
+    lists), plus ``"label"`` (int64 (B,)) when the manifest lists ``label.cls``, plus
+    ``"__key__"`` (list of sample keys) when ``return_keys``.
+
+    Args:
+        batch_size: per data-parallel rank.
+        modalities: key stems to return, e.g. ``["mnist", "svhn"]``.
+        dp_rank, dp_size: data-parallel group index and count (ranks of one particle group
+            pass the same dp_rank and get identical batches).
+        seed, epoch: the shard order and shuffle buffers depend only on these (and the layout);
+            change epochs with ``loader.set_epoch``.
+        drop_last: True (training): every rank yields exactly
+            ``num_samples // (dp_size * batch_size)`` full batches, repeating its shards if
+            needed. False (evaluation): each rank reads its shards once, last batch partial.
+        on_error: ``"skip"`` (log, count in ``loader.errors``, skip) or ``"raise"``.
+        resampled: draw shards with replacement (``wds.ResampledShards``) per rank and worker,
+            for large multi-node jobs; the number of batches stays fixed as with drop_last.
+    Raises:
+        FileNotFoundError: no manifest / missing shard. ValueError: bad arguments, or fewer
+        shards than ``dp_size * max(1, num_workers)``.
+    """
+    info = _split_info(shards_dir, split)
+    modalities = list(modalities) if not isinstance(modalities, str) else modalities
+    _validate(info, split, batch_size=batch_size, modalities=modalities, num_workers=num_workers,
+              dp_rank=dp_rank, dp_size=dp_size, on_error=on_error, shuffle_buffer=shuffle_buffer,
+              resampled=resampled, drop_last=drop_last)
+    stems = list(dict.fromkeys(modalities + (["label"] if info.sample_stems and "label" in info.sample_stems else [])))
+    state, errors = EpochState(seed, epoch), ErrorCounter(on_error)
+    fixed = info.num_samples // (dp_size * batch_size) if (drop_last or resampled) else None
+    per_pass, passes, per_batch = build_stages(
+        info, state, errors, stems=stems, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+        num_workers=num_workers, shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled,
+        return_keys=return_keys, fixed_batches=fixed)
+    source = per_pass[0][1]
+    repeat = RepeatPasses(wds.DataPipeline(*[stage for _, stage in per_pass]),
+                          source if isinstance(source, ShardSource) else None, passes)
+    pipeline = wds.DataPipeline(repeat, *[stage for _, stage in per_batch])
+    names = tuple(name for name, _ in per_pass) + ("repeat_passes",) + tuple(name for name, _ in per_batch)
+    loader = Loader(pipeline, names, info=info, state=state, errors=errors,
+                    source=source if isinstance(source, ShardSource) else None,
+                    resampler=None if isinstance(source, ShardSource) else source,
+                    num_workers=num_workers, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                    fixed_batches=fixed)
+    if len(set(loader.batches_per_rank)) > 1 and dp_rank == 0:
+        log.warning("drop_last=False: dp ranks yield %s batches of split %r; a multi-rank evaluation "
+                    "must run max(loader.batches_per_rank) steps", loader.batches_per_rank, split)
+    return loader

@@ -1,0 +1,59 @@
+"""Evaluation and analysis of trained models (REFERENCE.md §5–7).
+
+One module per job:
+
+* `likelihoods`  IWAE log-likelihood estimates (joint, marginal, cross), chunked over K;
+* `classifiers`  the digit classifiers of the coherence metrics, trained on unique images, cached;
+* `coherence`    cross and joint coherence (MNIST-SVHN style digit datasets);
+* `latent`       latent classification accuracy (logistic regression on posterior samples);
+* `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
+* `plots`        latent embedding (UMAP) and per-dimension KL box plots;
+* `report`       the metrics table and `report.md`;
+* `run`          `evaluate_run(run_dir, metrics)`: the metric registry and the glue to the data.
+
+Importing `mmvae.eval` is cheap: submodules (and matplotlib, umap, sklearn) load on first use.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import torch
+
+_EXPORTS = {
+    "calculate_likelihoods": "likelihoods",
+    "save_reconstructions": "pictures",
+    "save_prior_samples": "pictures",
+    "DigitClassifier": "classifiers",
+    "train_classifier": "classifiers",
+    "load_or_train_classifiers": "classifiers",
+    "cross_coherence": "coherence",
+    "joint_coherence": "coherence",
+    "latent_accuracy": "latent",
+    "embedding_plot": "plots",
+    "kl_plot": "plots",
+    "write_report": "report",
+    "evaluate_run": "run",
+    "METRICS": "run",
+}
+
+__all__ = ["eval_mode", *_EXPORTS]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """`model.eval()` and no_grad for the block; the previous train/eval mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        module = importlib.import_module(f"{__name__}.{_EXPORTS[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,128 @@
+"""IWAE log-likelihood estimates of a trained model (REFERENCE.md §6, ``calculate_likelihoods``).
+
+Every expert r contributes K particles z_rk ~ q_r(z | x_r) (the stratified draw of the mixture
+q_mix(z) = (1/M) sum_m q_m(z | x_m)). With log p(z) the prior and log p_d(x_d | z) decoder d, the
+per-datapoint estimates are
+
+* ``joint_with_lambda`` (the paper's number: ``m_iwae`` with the likelihood scaling lambda_d,
+  hence a bound on a *scaled* density, not on log p(x_1..x_M)):
+      log (1/(MK)) sum_{r,k} exp[ log p(z_rk) + sum_d lambda_d log p_d(x_d | z_rk) - log q_mix(z_rk) ]
+* ``joint_no_lambda``: the same with lambda_d = 1, a lower bound on log p(x_1, ..., x_M);
+* ``x_{d}_from_mixture`` (marginal of modality d, mixture proposal, no lambda):
+      log (1/(MK)) sum_{r,k} exp[ log p(z_rk) + log p_d(x_d | z_rk) - log q_mix(z_rk) ]
+* ``x_{d}_from_{e}`` ("x_d from encoder e", unimodal proposal q_e, no lambda):
+      log (1/K) sum_k exp[ log p(z_ek) + log p_d(x_d | z_ek) - log q_e(z_ek | x_e) ]
+  Like the marginal, this is a lower bound on log p(x_d) (not a conditional likelihood); it only
+  uses another proposal, so the gap to ``x_{d}_from_mixture`` shows how well q_e covers p(z|x_d).
+
+Unimodal models report ``iwae``: log (1/K) sum_k exp[log p(x, z_k) - log q(z_k | x)].
+
+The K particles are processed ``k_chunk`` at a time: each chunk contributes its log-sum-exp, and
+the chunks are combined with ``logaddexp``, so at most M * k_chunk * B decodes are alive at once
+and the result equals the unchunked one for the same noise (up to float rounding).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+import torch
+
+from mmvae.eval import eval_mode
+from mmvae.objectives import log_q_matrix
+
+DEFAULT_K = 1000
+
+
+def _chunk_log_sum_exps(model, xs, posts, eps) -> dict[str, torch.Tensor]:
+    """log sum_{particles of this chunk} exp(log-weight) for every estimate: each (B,).
+
+    eps: per expert (k, B, D) standard noise. Mixture estimates sum over (r, k), the unimodal
+    proposal ones over k only.
+    """
+    experts, names = model.experts, model.modalities
+    M = len(experts)
+    z = torch.stack([e.posterior_family.reparam(loc, scale, n)
+                     for e, (loc, scale), n in zip(experts, posts, eps)])  # (M, k, B, D)
+    prior_loc, prior_scale = model.prior_params()
+    log_prior = model.prior_family.log_prob(z, prior_loc, prior_scale).sum(-1)  # (M, k, B)
+    llik = [e.log_likelihood(x, z) for e, x in zip(experts, xs)]  # per decoder d: (M, k, B)
+    log_q = log_q_matrix(model, z, posts, detach_params=True)  # (M_m, M_r, k, B)
+    if M == 1:
+        return {"iwae": torch.logsumexp(log_prior + llik[0] - log_q[0], (0, 1))}  # (B,)
+    log_q_mix = torch.logsumexp(log_q, 0) - math.log(M)  # (M_r, k, B)
+    idx = torch.arange(M, device=z.device)
+    log_q_own = log_q[idx, idx]  # log q_r(z_rk | x_r): (M_r, k, B)
+    scaled = sum(lam * lp for lam, lp in zip(model.llik_scaling, llik))
+    out = {"joint_with_lambda": torch.logsumexp(log_prior + scaled - log_q_mix, (0, 1)),
+           "joint_no_lambda": torch.logsumexp(log_prior + sum(llik) - log_q_mix, (0, 1))}
+    for d, name_d in enumerate(names):
+        out[f"x_{name_d}_from_mixture"] = torch.logsumexp(log_prior + llik[d] - log_q_mix, (0, 1))
+        own = torch.logsumexp(log_prior + llik[d] - log_q_own, 1)  # (M_e, B)
+        for e, name_e in enumerate(names):
+            out[f"x_{name_d}_from_{name_e}"] = own[e]
+    return out
+
+
+def _num_particles(key: str, M: int, K: int) -> int:
+    """Particles behind an estimate: M*K for the mixture proposal, K for a single encoder."""
+    mixture = key.startswith("joint") or key.endswith("_from_mixture")
+    return M * K if mixture else K
+
+
+def batch_log_likelihoods(model, xs: Sequence[torch.Tensor], K: int = DEFAULT_K, *,
+                          k_chunk: int = 0, eps: list[torch.Tensor] | None = None,
+                          generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Every estimate of the module docstring for one batch: name -> (B,) tensor.
+
+    xs: one tensor per modality (model.modalities order), each (B, ...). eps: optional standard
+    noise per expert, (K, B, D); drawn from `generator` otherwise. k_chunk: particles per chunk
+    (0 = all K at once).
+    """
+    xs = list(xs)
+    B, M = xs[0].shape[0], len(model.experts)
+    if eps is None:
+        eps = model.sample_noise(K, B, generator, device=xs[0].device)
+    K = eps[0].shape[0]
+    step = k_chunk if 0 < k_chunk < K else K
+    with eval_mode(model):
+        posts = [e.posterior(x) for e, x in zip(model.experts, xs)]  # encoders run once
+        total: dict[str, torch.Tensor] = {}
+        for start in range(0, K, step):
+            chunk = _chunk_log_sum_exps(model, xs, posts, [n[start:start + step] for n in eps])
+            for key, lse in chunk.items():
+                total[key] = lse if key not in total else torch.logaddexp(total[key], lse)
+    return {key: lse - math.log(_num_particles(key, M, K)) for key, lse in total.items()}
+
+
+def calculate_likelihoods(model, batches: Iterable[Sequence[torch.Tensor]], *,
+                          K: int = DEFAULT_K, k_chunk: int = 100, seed: int = 0,
+                          max_datapoints: int | None = None) -> dict:
+    """Average the per-datapoint estimates over `batches` (lists of modality tensors).
+
+    Returns ``{"values": {name: mean nats per datapoint}, "K", "k_chunk", "seed",
+    "num_datapoints", "llik_scaling"}``. The noise comes from one generator seeded with `seed`,
+    so a rerun with the same batches gives the same numbers.
+    """
+    if K < 1:
+        raise ValueError(f"K must be >= 1, got {K}")
+    device = model.prior_params()[0].device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    sums: dict[str, float] = {}
+    n = 0
+    for xs in batches:
+        xs = [x.to(device) for x in xs]
+        if max_datapoints is not None:
+            xs = [x[: max_datapoints - n] for x in xs]
+        if xs[0].shape[0] == 0:
+            break
+        est = batch_log_likelihoods(model, xs, K, k_chunk=k_chunk, generator=generator)
+        for key, value in est.items():
+            sums[key] = sums.get(key, 0.0) + value.double().sum().item()
+        n += xs[0].shape[0]
+        if max_datapoints is not None and n >= max_datapoints:
+            break
+    if n == 0:
+        raise ValueError("calculate_likelihoods got no datapoints")
+    return {"values": {key: s / n for key, s in sums.items()}, "K": K, "k_chunk": k_chunk,
+            "seed": seed, "num_datapoints": n, "llik_scaling": list(model.llik_scaling)}

@@ -1,0 +1,336 @@
+"""`evaluate_run`: load a run folder, compute the chosen metrics, write eval.json and report.md.
+
+The metric functions elsewhere in `mmvae.eval` take tensors and iterables; this module is the
+glue that feeds them from the run's shards (``data.shards`` of its config.yaml), from the unique
+images next to digit shards, or, for the linear-Gaussian reference models, from a seeded sample
+of the model itself. Outputs:
+
+* ``RUN_DIR/eval.json``: {"run_dir", "model", "dataset", "seed", "options", "metrics": {name:
+  {"values": {...}, ...details}}};
+* ``RUN_DIR/eval/*.png``: pictures and plots (metric ``pictures``);
+* ``RUN_DIR/report.md``: one page with the metrics table and the pictures.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+
+from mmvae.config import Config, EvalConfig, _apply, load_config, validate
+from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
+from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
+from mmvae.eval.latent import latent_accuracy
+from mmvae.eval.likelihoods import calculate_likelihoods
+from mmvae.eval.pictures import save_prior_samples, save_reconstructions
+from mmvae.eval.plots import embedding_plot, kl_plot
+from mmvae.eval.report import write_report
+from mmvae.registry import load_model
+
+DIGIT_MODALITIES = frozenset({"mnist", "svhn"})
+EVAL_DIR, EVAL_JSON, REPORT = "eval", "eval.json", "report.md"
+def resolve_options(cfg: Config, **explicit) -> EvalConfig:
+    """The run's `eval` config section with explicit keyword options applied (validated like
+    command-line overrides)."""
+    for key, value in explicit.items():
+        _apply(cfg, f"eval.{key}", value)
+    validate(cfg)
+    return cfg.eval
+
+
+@dataclass
+class EvalContext:
+    """What every metric gets: the run, its config and model, options, seed and outputs."""
+
+    run_dir: Path
+    cfg: Config
+    model: torch.nn.Module
+    options: EvalConfig
+    seed: int
+    device: torch.device
+    progress: object | None = None  # rich Progress or None
+
+    @property
+    def out_dir(self) -> Path:
+        return self.run_dir / EVAL_DIR
+
+    @property
+    def shards_dir(self) -> Path:
+        return Path(self.cfg.data.shards)
+
+    @property
+    def is_toy(self) -> bool:
+        """Linear-Gaussian reference models evaluate on their own seeded samples."""
+        return hasattr(self.model, "sample_data")
+
+    def has_unique(self, split: str) -> bool:
+        return (self.shards_dir / f"unique_{split}.npz").is_file()
+
+    def track(self, iterable: Iterable, description: str, total: int | None = None):
+        if self.progress is None:
+            yield from iterable
+            return
+        task = self.progress.add_task(description, total=total)
+        for item in iterable:
+            yield item
+            self.progress.advance(task)
+        self.progress.remove_task(task)
+
+    def labelled_batches(self, split: str = "test", batch_size: int | None = None):
+        """(xs, labels) batches, xs in model.modalities order on the device; labels None for
+        the toy models. Test data are read once in shard order, the last batch partial."""
+        batch_size = batch_size or self.options.batch_size
+        if self.is_toy:
+            gen = torch.Generator().manual_seed(self.seed + (split == "test"))
+            data = self.model.sample_data(self.options.toy_datapoints, gen)
+            data = data if isinstance(data, list) else [data]
+            for i in range(0, self.options.toy_datapoints, batch_size):
+                yield [x[i:i + batch_size].to(self.device) for x in data], None
+            return
+        from mmvae.data import make_loader
+
+        loader = make_loader(self.shards_dir, split, batch_size=batch_size,
+                             modalities=self.model.modalities, num_workers=self.cfg.data.num_workers,
+                             seed=self.seed, shuffle=False, drop_last=False,
+                             on_error=self.cfg.data.on_error)
+        for batch in loader:
+            yield ([batch[m].to(self.device) for m in self.model.modalities], batch.get("label"))
+
+    def num_batches(self, split: str = "test", limit: int = 0,
+                    batch_size: int | None = None) -> int | None:
+        n = self.options.toy_datapoints if self.is_toy else self.num_samples(split)
+        if n is None:
+            return None
+        n = min(n, limit) if limit else n
+        return -(-n // (batch_size or self.options.batch_size))
+
+    def num_samples(self, split: str) -> int | None:
+        try:
+            manifest = json.loads((self.shards_dir / "manifest.json").read_text())
+            return int(manifest["splits"][split]["num_samples"])
+        except (OSError, KeyError, ValueError):
+            return None
+
+    def dataset(self) -> str:
+        if self.is_toy:
+            return self.cfg.model.name
+        try:
+            return json.loads((self.shards_dir / "manifest.json").read_text())["dataset"]
+        except (OSError, KeyError, ValueError):
+            return "unknown"
+
+
+# --- the metrics -------------------------------------------------------------------------------
+
+def metric_likelihood(ctx: EvalContext) -> dict:
+    limit, batch_size = ctx.options.max_datapoints, ctx.options.likelihood_batch
+    batches = (xs for xs, _ in ctx.labelled_batches("test", batch_size))
+    return calculate_likelihoods(
+        ctx.model, ctx.track(batches, "likelihood", ctx.num_batches("test", limit, batch_size)),
+        K=ctx.cfg.eval.iwae_K, k_chunk=ctx.cfg.eval.k_chunk, seed=ctx.seed,
+        max_datapoints=limit or None)
+
+
+def metric_coherence(ctx: EvalContext) -> dict:
+    model, opts = ctx.model, ctx.options
+    classifiers, infos = load_or_train_classifiers(
+        ctx.shards_dir, model.modalities, epochs=opts.classifier_epochs, seed=ctx.seed,
+        image_shapes={e.modality: e.data_shape for e in model.experts}, device=ctx.device)
+    mode = opts.coherence_pairs
+    if mode == "auto":
+        mode = "unique" if ctx.has_unique("test") and len(model.modalities) == 2 else "shards"
+    if mode == "unique":
+        images, labels = unique_pairs(load_unique(ctx.shards_dir, "test", model.modalities),
+                                      model.modalities, seed=ctx.seed)
+        batches, total = array_batches(images, labels, opts.batch_size), len(labels)
+        pairs = f"unique: each unique test image of the smaller side once ({len(labels)} pairs)"
+    else:
+        batches = ctx.labelled_batches("test")
+        total = ctx.num_samples("test")
+        pairs = "duplicated: the shards' test pairs (each unique image in several pairs)"
+    n_batches = -(-min(total, opts.max_datapoints or total) // opts.batch_size) if total else None
+    cross = cross_coherence(model, ctx.track(batches, "cross coherence", n_batches), classifiers,
+                            seed=ctx.seed, max_datapoints=opts.max_datapoints or None)
+    values = dict(cross["values"])
+    result = {"test_pairs": pairs, "num_pairs": cross["num_pairs"], "seed": ctx.seed,
+              "classifiers": infos}
+    if len(model.modalities) > 1:
+        joint = joint_coherence(model, classifiers, num_samples=opts.coherence_samples,
+                                seed=ctx.seed)
+        values.update(joint["values"])
+        result.update(joint_samples=joint["num_samples"], joint_class_counts=joint["class_counts"])
+    for m, info in infos.items():
+        values[f"classifier_{m}"] = info["test_accuracy"]
+    return {"values": values, **result}
+
+
+def _collect(ctx: EvalContext, split: str, limit: int) -> dict[str, tuple]:
+    """Images and labels per modality from the shards (latent accuracy without unique files)."""
+    xs_all, ys, n = [[] for _ in ctx.model.modalities], [], 0
+    for xs, labels in ctx.labelled_batches(split):
+        for store, x in zip(xs_all, xs):
+            store.append(x.cpu())
+        ys.append(labels)
+        n += len(labels)
+        if n >= limit:
+            break
+    y = torch.cat(ys)[:limit]
+    return {m: (torch.cat(x)[:limit], y) for m, x in zip(ctx.model.modalities, xs_all)}
+
+
+def metric_latent(ctx: EvalContext) -> dict:
+    modalities = ctx.model.modalities
+    if ctx.has_unique("train") and ctx.has_unique("test"):
+        train = load_unique(ctx.shards_dir, "train", modalities)
+        test = load_unique(ctx.shards_dir, "test", modalities)
+        source = "unique images (unique_{train,test}.npz)"
+    else:
+        limit = ctx.options.latent_max_train
+        train, test = _collect(ctx, "train", limit), _collect(ctx, "test", limit)
+        source = f"shard pairs (at most {limit} per split)"
+    result = latent_accuracy(ctx.model, train, test, seed=ctx.seed)
+    return {**result, "data": source}
+
+
+def metric_pictures(ctx: EvalContext) -> dict:
+    xs, labels = next(iter(ctx.labelled_batches("test", ctx.options.plot_batch)))
+    out = ctx.out_dir
+    gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png"))
+    files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen)
+    emb = embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels, seed=ctx.seed,
+                         method=ctx.options.embedding)
+    kls = kl_plot(ctx.model, xs, out / "kl_per_dimension.png")
+    files += [emb["path"], kls["path"]]
+    rel = [str(Path(f).relative_to(ctx.run_dir)) for f in files]
+    return {"values": {}, "files": rel, "embedding_method": emb["method"],
+            "embedding_points": emb["points"], "mean_kl": kls["mean_kl"]}
+
+
+METRICS: dict[str, Callable[[EvalContext], dict]] = {
+    "likelihood": metric_likelihood,
+    "coherence": metric_coherence,
+    "latent": metric_latent,
+    "pictures": metric_pictures,
+}
+NEEDS_LABELS = ("coherence", "latent")
+
+
+def inapplicable(name: str, ctx: EvalContext) -> str | None:
+    """Why metric `name` cannot run on this run (None if it can)."""
+    if ctx.is_toy and name in NEEDS_LABELS:
+        return f"{name} needs labelled data; model {ctx.cfg.model.name} has none"
+    if name == "coherence" and not set(ctx.model.modalities) <= DIGIT_MODALITIES:
+        return (f"coherence needs digit modalities ({', '.join(sorted(DIGIT_MODALITIES))}); "
+                f"the model has {', '.join(ctx.model.modalities)}")
+    if name == "coherence" and not ctx.is_toy and not ctx.has_unique("train"):
+        cached = all((ctx.shards_dir / CACHE_DIR / f"{m}.pt").is_file()
+                     for m in ctx.model.modalities)
+        if not cached:
+            return (f"coherence: {ctx.shards_dir} has neither unique_train.npz nor cached "
+                    f"classifiers in {CACHE_DIR}/ to classify digits with")
+    return None
+
+
+def check_metrics(names: Sequence[str], ctx: EvalContext) -> None:
+    """Raise ValueError (before any work) for unknown or inapplicable metrics."""
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; valid: {', '.join(METRICS)}")
+    if not ctx.is_toy and not (ctx.shards_dir / "manifest.json").is_file():
+        raise FileNotFoundError(f"no shards at data.shards={str(ctx.shards_dir)!r} (no manifest.json); "
+                                f"pass data.shards=DIR or build them (launch/shard_demo.py)")
+    reasons = [r for r in (inapplicable(n, ctx) for n in names) if r]
+    if reasons:
+        raise ValueError("; ".join(reasons))
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
+            progress: bool | None = None, device: str | None = None,
+            **options) -> tuple[EvalContext, list[str]]:
+    """Load and check everything `execute` needs; raises ConfigError / ValueError /
+    FileNotFoundError for a bad run folder, override, option or metric name. Writes nothing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {str(run_dir)!r} not found")
+    cfg = load_config(run_dir / "config.yaml", list(overrides))
+    names = list(dict.fromkeys(metrics or cfg.eval.metrics))
+    explicit = bool(metrics)
+    if not names:
+        raise ValueError(f"no metrics chosen; valid: {', '.join(METRICS)}")
+    opts = resolve_options(cfg, **options)
+    model = load_model(run_dir / "model", map_location="cpu")
+    toy = hasattr(model, "sample_data")  # tiny linear models: CPU (their sampler is CPU-only)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not toy else "cpu"))
+    model = model.to(dev).eval()
+    bar = _progress(cfg.logging.progress if progress is None else progress)
+    ctx = EvalContext(run_dir, cfg, model, opts, cfg.train.seed, dev, bar)
+    if not explicit:  # the config's list: run what applies to this model, say what was skipped
+        for name in [n for n in names if n in METRICS and inapplicable(n, ctx)]:
+            warnings.warn(f"skipping {inapplicable(name, ctx)}", stacklevel=2)
+            names.remove(name)
+    check_metrics(names, ctx)
+    return ctx, names
+
+
+def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
+    """Run the metrics, write eval.json and report.md; returns the eval.json content plus
+    "report" (the report's path)."""
+    results, start = {}, time.perf_counter()
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.seed)  # anything that still draws from the global generator
+        if ctx.progress is not None:
+            ctx.progress.start()
+        try:
+            for name in names:
+                results[name] = METRICS[name](ctx)
+        finally:
+            if ctx.progress is not None:
+                ctx.progress.stop()
+    cfg, model = ctx.cfg, ctx.model
+    payload = {"run_dir": str(ctx.run_dir), "model": cfg.model.name, "modalities": model.modalities,
+               "dataset": ctx.dataset(), "shards": None if ctx.is_toy else str(ctx.shards_dir),
+               "seed": ctx.seed, "device": str(ctx.device),
+               "seconds": round(time.perf_counter() - start, 2),
+               "options": dataclasses.asdict(ctx.options), "eval_config": dataclasses.asdict(cfg.eval),
+               "metrics": results}
+    payload = json.loads(json.dumps(payload, default=_json_default))  # plain JSON types
+    (ctx.run_dir / EVAL_JSON).write_text(json.dumps(payload, indent=2) + "\n")
+    payload["report"] = str(write_report(ctx.run_dir, payload))
+    return payload
+
+
+def evaluate_run(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[str] = (),
+                 **kwargs) -> dict:
+    """Evaluate the run in `run_dir`: write RUN_DIR/eval.json, RUN_DIR/eval/*.png, report.md.
+
+    metrics: names from `METRICS` (default: the config's ``eval.metrics``). overrides: dotted
+    ``key=value`` config overrides (e.g. ``eval.iwae_K=5000``). kwargs: ``progress``,
+    ``device`` and keys of the config's `eval` section. Seeded by ``train.seed``. Bad input raises (see
+    `prepare`) before anything is written. Returns the eval.json content plus "report".
+    """
+    return execute(*prepare(run_dir, metrics, overrides, **kwargs))

@@ -1,0 +1,133 @@
+"""evaluate_run and launch/evaluate.py end to end: toy run, digits run, bad input, report."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmvae
+from mmvae.config import load_config, save_config
+from mmvae.eval.report import render_report
+from mmvae.eval.run import METRICS, evaluate_run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make_run(run_dir, model, overrides):
+    run_dir.mkdir(parents=True)
+    save_config(load_config(None, overrides), run_dir / "config.yaml")
+    mmvae.save_model(model, run_dir / "model")
+    return run_dir
+
+
+@pytest.fixture
+def toy_run(tmp_path, gaussian_pair):
+    return make_run(tmp_path / "toy", gaussian_pair,
+                    ["model.name=gaussian_pair", "model.latent_dim=2", "model.data_dim=3",
+                     "logging.progress=false", "train.seed=7"])
+
+
+def evaluate_main():
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_toy_run_end_to_end(toy_run):
+    out = evaluate_run(toy_run, ["likelihood", "pictures"], ["eval.iwae_K=200"],
+                       embedding="pca", toy_datapoints=100, plot_batch=50)
+    saved = json.loads((toy_run / "eval.json").read_text())
+    assert saved["metrics"] == out["metrics"] and saved["seed"] == 7
+    lik = saved["metrics"]["likelihood"]
+    assert lik["K"] == 200 and lik["num_datapoints"] == 100
+    model = mmvae.load_model(toy_run / "model")
+    xs = model.sample_data(100, torch.Generator().manual_seed(8))  # the toy test split
+    exact = model.exact_log_likelihood(xs).mean().item()
+    assert lik["values"]["joint_no_lambda"] == pytest.approx(exact, abs=0.1)
+    files = saved["metrics"]["pictures"]["files"]
+    assert files == ["eval/embedding.png", "eval/kl_per_dimension.png"]  # no image modality
+    assert all((toy_run / f).stat().st_size > 0 for f in files)
+    report = (toy_run / "report.md").read_text()
+    assert "| metric | value | paper (MMVAE) |" in report
+    assert "| likelihood / joint_no_lambda |" in report
+    assert "![embedding](eval/embedding.png)" in report
+    again = evaluate_run(toy_run, ["likelihood"], ["eval.iwae_K=200"], toy_datapoints=100)
+    assert again["metrics"]["likelihood"] == lik  # seeded
+
+
+def test_bad_input_raises_before_writing(toy_run, tmp_path):
+    with pytest.raises(ValueError, match=", ".join(METRICS)):
+        evaluate_run(toy_run, ["likelihood", "fid"])
+    with pytest.raises(ValueError, match="labelled"):
+        evaluate_run(toy_run, ["coherence"])
+    with pytest.raises(ValueError, match="unknown config key"):
+        evaluate_run(toy_run, ["likelihood"], ["eval.nope=1"])
+    with pytest.raises(ValueError, match="unknown config key .eval.nope"):
+        evaluate_run(toy_run, ["likelihood"], nope=1)
+    with pytest.raises(FileNotFoundError):
+        evaluate_run(tmp_path / "missing")
+    assert not (toy_run / "eval.json").exists() and not (toy_run / "report.md").exists()
+
+
+def run_cli(argv) -> int:
+    try:
+        return evaluate_main()(argv)
+    except SystemExit as exit_:  # argparse errors
+        return exit_.code
+
+
+def test_cli(toy_run, tmp_path, capsys):
+    assert run_cli(["--run", str(toy_run), "--metrics", "likelihood", "eval.iwae_K=10"]) == 0
+    out = capsys.readouterr().out
+    assert "joint_no_lambda" in out and "report.md" in out
+    for argv in (["--run", str(tmp_path / "missing")],
+                 ["--run", str(toy_run), "--metrics", "fid"],
+                 ["--run", str(toy_run), "eval.iwae_K=zero"],
+                 []):
+        assert run_cli(argv) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+def test_report_shows_paper_numbers_only_for_mnist_svhn():
+    payload = {"run_dir": "runs/x", "model": "mnist_svhn", "modalities": ["mnist", "svhn"],
+               "dataset": "mnist_svhn", "seed": 1, "device": "cpu", "seconds": 1.0,
+               "metrics": {"coherence": {"values": {"cross_svhn_to_mnist": 0.8,
+                                                    "cross_mnist_to_svhn": 0.6, "joint": 0.4}}}}
+    text = render_report(payload)
+    assert "| coherence / cross_svhn_to_mnist | 80.0% | 86.4% |" in text
+    assert "| coherence / cross_mnist_to_svhn | 60.0% | 69.1% |" in text
+    assert "| coherence / joint | 40.0% | 42.1% |" in text
+    text = render_report({**payload, "dataset": "digits"})
+    assert "| coherence / joint | 40.0% |  |" in text
+
+
+def test_digits_run_end_to_end(tmp_path):
+    """Real shards (built-in digits), an untrained mnist_svhn: every metric runs."""
+    from mmvae.data import build_digits
+
+    shards = tmp_path / "digits"
+    build_digits(shards, pairs_per_instance=1, train_shards=2, test_shards=1, progress=False)
+    torch.manual_seed(0)
+    run = make_run(tmp_path / "run", mmvae.build_model("mnist_svhn", latent_dim=4),
+                   ["model.name=mnist_svhn", "model.latent_dim=4", f"data.shards={shards}",
+                    "logging.progress=false"])
+    out = evaluate_run(run, ["likelihood", "coherence", "latent", "pictures"],
+                       ["eval.iwae_K=4", "eval.k_chunk=2"], classifier_epochs=1,
+                       max_datapoints=64, coherence_samples=100, embedding="pca", plot_batch=32)
+    m = out["metrics"]
+    assert m["likelihood"]["num_datapoints"] == 64
+    assert m["coherence"]["test_pairs"].startswith("unique")
+    assert m["coherence"]["num_pairs"] == 64
+    assert 0.0 <= m["coherence"]["values"]["cross_svhn_to_mnist"] <= 0.3  # untrained: chance
+    assert (shards / "classifiers" / "svhn.pt").is_file()
+    assert set(m["latent"]["values"]) == {"latent_mnist", "latent_svhn"}
+    assert len(m["pictures"]["files"]) == 6  # recon png+txt, 2 prior grids, embedding, KL
+    assert all((run / f).stat().st_size > 0 for f in m["pictures"]["files"])
+    report = (run / "report.md").read_text()
+    assert "![reconstructions](eval/reconstructions.png)" in report
+    shards_pairs = evaluate_run(run, ["coherence"], classifier_epochs=1, coherence_pairs="shards",
+                                max_datapoints=50, coherence_samples=10)
+    assert shards_pairs["metrics"]["coherence"]["test_pairs"].startswith("duplicated")
