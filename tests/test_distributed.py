@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "tests" / "distributed" / "particle_step.py"
 sys.path.insert(0, str(SCRIPT.parent))
-from particle_step import CASES  # noqa: E402
+from particle_step import CASES, DEEPSPEED_CASE  # noqa: E402
 
 
 def clean_env():
@@ -77,3 +77,28 @@ def test_data_parallel_equals_one_process_on_the_whole_batch(results, case):
     got, want = _load(results, case, "DP"), _load(results, case, "DPref")
     assert sum(got["bounds"]) / 2 == pytest.approx(want["bounds"][0], rel=1e-5)
     _assert_same({"bounds": [want["bounds"][0]], "params": got["params"]}, want, case)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_results(results):
+    """The same script under `accelerate launch` with the ZeRO-2 config, one CPU process."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+           "--main_process_port", "0", str(SCRIPT), str(results)]
+    env = clean_env() | {"DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return results
+
+
+def test_deepspeed_zero2_steps_equal_plain_steps(deepspeed_results):
+    """Two optimiser steps through accelerate's DeepSpeed plugin (ZeRO-2, one CPU process) move
+    the parameters exactly as two plain steps of the same trainer code."""
+    m, o, lo, dt = DEEPSPEED_CASE
+    case = (m, o, int(lo), dt)
+    got = _load(deepspeed_results, case, "DS")
+    want = _load(deepspeed_results, case, "ref2")
+    assert got["bounds"][0] == pytest.approx(want["bounds"][0], rel=1e-5)
+    for name, (param, _) in want["params"].items():
+        torch.testing.assert_close(got["params"][name][0], param, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{name} after two steps: {m}")

@@ -37,7 +37,7 @@ class Decoder(nn.Module):
             nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.ReLU(inplace=True),          # 8x8
             nn.ConvTranspose2d(64, 32, 4, 2, 1), nn.ReLU(inplace=True),           # 16x16
             nn.ConvTranspose2d(32, 3, 4, 2, 1), nn.Sigmoid(),                     # 32x32
-        ).to(memory_format=torch.channels_last)
+        )  # weights stay contiguous (DeepSpeed broadcasts them as flat bytes)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         first = self.body[0]  # ConvTranspose2d(D, 128, 4) on 1x1: out[n,c,h,w] = z[n] . W[:,c,h,w]

@@ -84,9 +84,11 @@ def train_step(ctx, batch: dict) -> dict:
                                        loss_scale=layout.particle_shards, backward=backward)
     bound = value.mean()
     max_norm = cfg.train.grad_clip or float("inf")
-    grad_norm = acc.clip_grad_norm_(ctx.params, max_norm)
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-    finite = bool(torch.isfinite(bound)) and np.isfinite(grad_norm)
+    # Under DeepSpeed the engine clips (its config's gradient_clipping) and steps inside
+    # backward, and this returns None: only the loss can be checked here.
+    norm = acc.clip_grad_norm_(ctx.params, max_norm)
+    grad_norm = float(norm) if norm is not None else float("nan")
+    finite = bool(torch.isfinite(bound)) and (norm is None or np.isfinite(grad_norm))
     skipped = any_rank(not finite, acc)
     if skipped:
         ctx.optimizer.zero_grad(set_to_none=True)

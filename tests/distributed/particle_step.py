@@ -1,6 +1,7 @@
 """One training step of the real trainer code in each layout; run by tests/test_distributed.py.
 
     accelerate launch --multi_gpu --num_processes 2 ... tests/distributed/particle_step.py OUT
+    accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml ... (DeepSpeed, 1 proc)
     python tests/distributed/particle_step.py OUT          (the one-process reference)
 
 For each case (model x objective x looser) it builds the model from the same seed, takes one
@@ -31,6 +32,7 @@ CASES = [(m, o, lo, dt) for m, dt in (("gaussian_pair", "fp32"), ("mnist_svhn", 
                                       ("mnist_svhn", "fp32"))
          for o in ("iwae", "dreg") for lo in (False, True)]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+DEEPSPEED_CASE = ("gaussian_pair", "dreg", True, "fp32")
 K, B = 4, 6
 
 
@@ -58,7 +60,7 @@ def config(model_name, objective, looser, P) -> Config:
     return cfg
 
 
-def one_step(accelerator, layout, cfg, batch, dtype) -> tuple[float, dict]:
+def train_steps(accelerator, layout, cfg, batch, dtype, steps=1) -> tuple[float, dict]:
     model = new_model(cfg, dtype)
     optimizer = make_optimizer(model, 1e-2)
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
@@ -66,14 +68,15 @@ def one_step(accelerator, layout, cfg, batch, dtype) -> tuple[float, dict]:
     ctx = SimpleNamespace(cfg=cfg, model=model, accelerator=accelerator, layout=layout, step=0,
                           wrapped=wrapped, optimizer=optimizer, looser=cfg.objective.looser,
                           params=[p for p in model.parameters() if p.requires_grad])
-    stats = train_step(ctx, batch)
+    for ctx.step in range(steps):
+        stats = train_step(ctx, batch)
     return stats["bound"], _snapshot(model)
 
 
 def _snapshot(model) -> dict:
     """Updated parameters and the gradients of the step (Adam's first step is ~lr*sign(g), so
     parameters alone would not show a gradient off by a constant factor)."""
-    return {name: (p.detach().clone(), p.grad.detach().clone())
+    return {name: (p.detach().clone(), p.grad.detach().clone() if p.grad is not None else None)
             for name, p in model.named_parameters() if p.requires_grad}
 
 
@@ -93,13 +96,32 @@ def dp_reference(cfg, batch, world, dtype) -> tuple[float, dict]:
     return sum(bounds) / world, _snapshot(model)
 
 
+def deepspeed_steps(accelerator, out: Path) -> None:
+    """Two steps through DeepSpeed ZeRO-2 (one process): parameters as `ref2`'s. One case, the
+    paper's setting (dreg, looser): DeepSpeed keeps global state, one engine per process."""
+    layout = make_layout(accelerator, config("gaussian_pair", "iwae", False, 1))
+    for case in [DEEPSPEED_CASE]:
+        cfg = config(*case[:3], 1)
+        bound, params = train_steps(accelerator, layout, cfg, batch_for(case[0], torch.float32),
+                                    torch.float32, steps=2)
+        name = "ref2" if accelerator.distributed_type != "DEEPSPEED" else "DS"
+        torch.save({"bounds": [bound], "params": params},
+                   out / f"{'-'.join(map(str, case[:2]))}-{int(case[2])}-{case[3]}-{name}.pt")
+
+
 def main(argv=None) -> int:
-    from accelerate import Accelerator
+    from mmvae.train.dist import deepspeed_requested, make_accelerator
 
     out = Path((argv or sys.argv[1:])[0])
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
+    cfg = config("gaussian_pair", "iwae", False, 1)
+    cfg.logging.wandb, cfg.data.batch_size = "disabled", B
+    accelerator = make_accelerator(cfg)
     world = accelerator.num_processes
+    if deepspeed_requested() or world == 1:
+        deepspeed_steps(accelerator, out)
+        if deepspeed_requested():
+            return 0
     layouts = {"ref": 1, "DPref": 1} if world == 1 else {"P2": 2, "DP": 1}
     for name, P in layouts.items():
         cfg0 = config("gaussian_pair", "iwae", False, P)
@@ -114,7 +136,7 @@ def main(argv=None) -> int:
             if name == "DPref":
                 bound, params = dp_reference(cfg, batch, 2, DTYPES[dt])
             else:
-                bound, params = one_step(accelerator, layout, cfg, batch, DTYPES[dt])
+                bound, params = train_steps(accelerator, layout, cfg, batch, DTYPES[dt])
             bounds = accelerator.gather(torch.tensor([bound])).tolist()
             if accelerator.is_main_process:
                 torch.save({"bounds": bounds, "params": params},
