@@ -1,12 +1,18 @@
-"""Build a built-in offline dataset's shards: ``python launch/shard_demo.py --dataset digits
---out shards/demo-digits [--seed 0 --pairs-per-instance 20]``."""
+"""Build a built-in offline dataset's shards:
+
+    python launch/shard_demo.py --dataset digits --out shards/demo-digits [--pairs-per-instance 20]
+    python launch/shard_demo.py --dataset shapes --out shards/demo-shapes  [--scenes 3000 1000]
+    python launch/shard_demo.py --dataset shapes_ft --out shards/demo-shapes-ft   # + 2048-d features
+
+digits: MNIST-SVHN-shaped pairs; shapes: CUB-shaped image-caption pairs (shapes_ft adds
+stand-in 2048-d features for the cubISft models)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-NOT_YET = {"shapes"}  # planned built-ins
+OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,23 +21,33 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
-    parser = _Parser(prog="shard_demo.py", description=__doc__)
-    parser.add_argument("--dataset", required=True, help="digits (shapes: not implemented yet)")
+    parser = _Parser(prog="shard_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", required=True, help="digits | shapes | shapes_ft")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairs-per-instance", type=int, default=20)
+    parser.add_argument("--pairs-per-instance", type=int, help="digits: pairs per image (default 20)")
+    parser.add_argument("--scenes", type=int, nargs=2, metavar=("TRAIN", "TEST"),
+                        help="shapes: number of train and test scenes (default 3000 1000)")
     args = parser.parse_args(argv)
 
     from mmvae.data.builtin import BUILTINS
 
-    if args.dataset in NOT_YET:
-        parser.error(f"--dataset {args.dataset}: not implemented yet")
     if args.dataset not in BUILTINS:
-        parser.error(f"unknown --dataset {args.dataset!r}; valid: {', '.join(sorted(BUILTINS) + sorted(NOT_YET))}")
-    if args.pairs_per_instance < 1:
-        parser.error(f"--pairs-per-instance must be >= 1, got {args.pairs_per_instance}")
+        parser.error(f"unknown --dataset {args.dataset!r}; valid: {', '.join(sorted(BUILTINS))}")
+    kwargs = {"seed": args.seed}
+    if args.pairs_per_instance is not None:
+        if args.pairs_per_instance < 1:
+            parser.error(f"--pairs-per-instance must be >= 1, got {args.pairs_per_instance}")
+        kwargs["pairs_per_instance"] = args.pairs_per_instance
+    if args.scenes is not None:
+        if min(args.scenes) < 1:
+            parser.error(f"--scenes must be >= 1, got {args.scenes}")
+        kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
+    for option, datasets in OPTIONS.items():
+        if getattr(args, option[2:].replace("-", "_")) is not None and args.dataset not in datasets:
+            parser.error(f"{option} applies to --dataset {' / '.join(datasets)}, not {args.dataset}")
     start = time.perf_counter()
-    manifest = BUILTINS[args.dataset](args.out, seed=args.seed, pairs_per_instance=args.pairs_per_instance)
+    manifest = BUILTINS[args.dataset](args.out, **kwargs)
     counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"{args.dataset} -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")

@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = "mnist_svhn"
-    """Model in the registry (`mmvae.registry.MODELS`): mnist, svhn, mnist_svhn, gaussian, ..."""
+    """Model in the registry (`mmvae.registry.MODELS`): mnist, svhn, mnist_svhn, cubIS, cubISft,
+    cub_image, cub_image_ft, cub_sentence, gaussian, gaussian_pair."""
     latent_dim: int = 20
     """Latent dimension D (paper: 20 for MNIST-SVHN, 64 for CUB)."""
     learn_prior: bool = False
@@ -37,6 +38,12 @@ class ModelConfig:
     """Hidden layers of the MNIST MLP encoder/decoder."""
     data_dim: int = 4
     """Data dimension of the linear-Gaussian reference models (gaussian, gaussian_pair)."""
+    vocab_size: int = 0
+    """Caption vocabulary size of the CUB sentence models; 0 = read it from the shards'
+    vocab.json (never hard-coded)."""
+    paper_token_loss: bool = False
+    """Caption likelihood: false scores real tokens and <eos> only; true reproduces the paper
+    code (ignores <exc>, scores <pad>)."""
 
 
 @dataclass
@@ -60,8 +67,8 @@ class DataConfig:
     shards: str = "shards/demo-digits"
     """Folder with manifest.json and {train,test}-NNNNNN.tar shards."""
     builtin: str = ""
-    """Name of a built-in dataset (digits) to build into `shards` when it is missing; empty
-    means the shards must already exist."""
+    """Name of a built-in dataset (digits, shapes, shapes_ft) to build into `shards` when it is
+    missing; empty means the shards must already exist."""
     batch_size: int = 128
     """Datapoints per batch per data-parallel group."""
     num_workers: int = 0
@@ -188,7 +195,7 @@ POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.part
 NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
                 "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
                 "train.test_every", "train.test_batches", "model.llik_scaling",
-                "eval.k_chunk", "model.num_hidden_layers", "eval.max_datapoints",
+                "eval.k_chunk", "model.num_hidden_layers", "model.vocab_size", "eval.max_datapoints",
                 "eval.classifier_epochs", "eval.latent_max_train")
 
 

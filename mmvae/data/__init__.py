@@ -17,6 +17,10 @@ _EXPORTS = {
     "pair_by_class": "mmvae.data.recipes.pairing",
     "expected_num_pairs": "mmvae.data.recipes.pairing",
     "build_digits": "mmvae.data.recipes.digits",
+    "build_mnist_svhn": "mmvae.data.recipes.mnist_svhn",
+    "build_cub": "mmvae.data.recipes.cub",
+    "build_shapes": "mmvae.data.recipes.shapes",
+    "InputError": "mmvae.data.recipes.common",
     "ensure_builtin": "mmvae.data.builtin",
     "BUILTINS": "mmvae.data.builtin",
 }

@@ -4,12 +4,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from functools import partial
+
 from mmvae.data.recipes.digits import build_digits
+from mmvae.data.recipes.shapes import build_shapes
 from mmvae.data.writer import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 
-BUILTINS = {"digits": build_digits}
+# name -> builder(out_dir, **kwargs) returning the manifest. digits: MNIST-SVHN-shaped pairs;
+# shapes: CUB-shaped image-caption pairs; shapes_ft: shapes + 2048-d stand-in features (cubISft).
+BUILTINS = {"digits": build_digits, "shapes": build_shapes, "shapes_ft": partial(build_shapes, features=True)}
 
 
 def ensure_builtin(shards_dir, dataset: str, **build_kwargs) -> dict:

@@ -9,7 +9,8 @@ open_clip's ``get_wds_dataset``::
     split_by_worker    every num_workers-th of those, per DataLoader worker
     open               open each shard (closed as soon as it has been read)
     tar                tar members -> samples (webdataset), errors -> handler
-    select_keys        keep the requested key stems; a missing one is a bad sample
+    select_keys        keep the requested modalities (key stems, or full keys such as
+                       caption.txt); a missing one is a bad sample
     shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
     decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...
     repeat_passes      the stages above form one pass over the rank's shards; training repeats
@@ -239,20 +240,40 @@ class TarSamples:
 
 
 # ----------------------------------------------------------------------------- sample stages
+# A stem with several files (caption.json + caption.txt) yields its most decodable one.
+_EXT_RANK = {**{ext: 0 for ext in IMAGE_EXTS}, "npy": 1, "json": 2, "cls": 3, "txt": 5}
+
+
+def _ext_rank(ext: str) -> int:
+    return _EXT_RANK.get(ext.rsplit(".", 1)[-1].lower(), 4)
+
+
 class SelectKeys:
-    """Stage ``select_keys``: keep the requested key stems (``mnist`` for ``mnist.png``) as
-    ``stem -> (extension, bytes)``; a sample lacking one is reported and dropped."""
+    """Stage ``select_keys``: keep the requested modalities as ``name -> (extension, bytes)``.
+    A name is a key stem (``mnist`` for ``mnist.png``; when a stem has several files, e.g.
+    ``caption.json`` and ``caption.txt``, the most decodable: image > npy > json > cls >
+    other > txt) or a full key (``caption.txt``, returned under that name). A sample lacking
+    one is reported and dropped."""
 
     def __init__(self, stems: Sequence[str], errors: ErrorCounter):
         self.stems, self.errors = tuple(stems), errors
+        self._full = {s for s in self.stems if "." in s}
+
+    def _pick(self, sample: dict) -> dict:
+        found: dict[str, tuple[str, Any]] = {}
+        for name, value in sample.items():
+            if name.startswith("__"):
+                continue
+            if name in self._full:
+                found[name] = (name.partition(".")[2], value)
+            stem, _, ext = name.partition(".")
+            if stem in self.stems and (stem not in found or _ext_rank(ext) < _ext_rank(found[stem][0])):
+                found[stem] = (ext, value)
+        return found
 
     def __call__(self, src):
         for sample in src:
-            found = {}
-            for name, value in sample.items():
-                stem, _, ext = name.partition(".")
-                if stem in self.stems:
-                    found[stem] = (ext, value)
+            found = self._pick(sample)
             missing = [s for s in self.stems if s not in found]
             if missing:
                 self.errors.report(sample.get("__url__", "?"), sample.get("__key__"),
@@ -305,7 +326,10 @@ def decode_value(ext: str, data: bytes) -> tuple[str, Any]:
     if last == "npy":
         return "array", np.load(io.BytesIO(data), allow_pickle=False)
     if last == "json":
-        return "json", json.loads(data)
+        value = json.loads(data)
+        if isinstance(value, list) and value and all(type(v) is int for v in value):
+            return "ints", np.asarray(value, dtype=np.int64)  # token ids: batched to int64 (B, L)
+        return "json", value
     if last == "txt":
         return "text", data.decode("utf-8")
     return "bytes", data
@@ -333,7 +357,8 @@ class Decode:
 
 
 def collate(samples: list[dict]) -> dict:
-    """Stage ``batch`` (collation): stack images/arrays, gather ints; json/text stay lists."""
+    """Stage ``batch`` (collation): stack images/arrays/id lists, gather ints; other json and
+    text stay lists."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
     for stem in samples[0]:
         if stem.startswith("__"):
@@ -342,6 +367,8 @@ def collate(samples: list[dict]) -> dict:
         values = [s[stem][1] for s in samples]
         if kind in ("image", "array"):
             values = np.stack(values)
+        elif kind == "ints":  # equal lengths stack to (B, L); ragged lists stay a list of arrays
+            values = np.stack(values) if len({v.shape for v in values}) == 1 else values
         elif kind == "int":
             values = np.asarray(values, dtype=np.int64)
         batch[stem] = (kind, values)
@@ -349,7 +376,8 @@ def collate(samples: list[dict]) -> dict:
 
 
 class ToTensors:
-    """Stage ``tensors``: images -> uint8 tensors, arrays -> float32, ints -> int64."""
+    """Stage ``tensors``: images -> uint8 tensors, arrays -> float32, ints and JSON lists of
+    ints (token ids) -> int64."""
 
     def __init__(self, return_keys: bool):
         self.return_keys = return_keys
@@ -365,8 +393,9 @@ class ToTensors:
                     value = torch.from_numpy(value)
                 elif kind == "array":
                     value = torch.from_numpy(np.ascontiguousarray(value)).float()
-                elif kind == "int":
-                    value = torch.from_numpy(value)
+                elif kind in ("int", "ints"):
+                    value = (torch.from_numpy(value) if isinstance(value, np.ndarray)
+                             else [torch.from_numpy(v) for v in value])
                 out[stem] = value
             yield out
 
@@ -425,6 +454,7 @@ class SplitInfo:
     files: tuple[str, ...]
     counts: tuple[int, ...]
     sample_stems: tuple[str, ...] | None
+    sample_keys: tuple[str, ...] | None = None
 
     @property
     def num_samples(self) -> int:
@@ -444,8 +474,8 @@ def _split_info(shards_dir, split: str) -> SplitInfo:
         if not Path(f).is_file():
             raise FileNotFoundError(f"shard {f} listed in the manifest is missing; rebuild the shards")
     keys = manifest.get("sample_keys")
-    stems = tuple(k.partition(".")[0] for k in keys) if keys else None
-    return SplitInfo(files, tuple(int(s["count"]) for s in shards), stems)
+    stems = tuple(dict.fromkeys(k.partition(".")[0] for k in keys)) if keys else None
+    return SplitInfo(files, tuple(int(s["count"]) for s in shards), stems, tuple(keys) if keys else None)
 
 
 def _worker_counts(info: SplitInfo, source: ShardSource, epoch: int, dp_rank: int, dp_size: int,
@@ -470,9 +500,11 @@ def _validate(info: SplitInfo, split: str, *, batch_size, modalities, num_worker
     if isinstance(modalities, str) or not modalities:
         raise ValueError(f"modalities must be a non-empty list of key stems, got {modalities!r}")
     if info.sample_stems is not None:
-        unknown = [m for m in modalities if m not in info.sample_stems]
+        known = set(info.sample_stems) | set(info.sample_keys or ())
+        unknown = [m for m in modalities if m not in known]
         if unknown:
-            raise ValueError(f"unknown modalities {unknown}; the shards hold {list(info.sample_stems)}")
+            raise ValueError(f"unknown modalities {unknown}; the shards hold {list(info.sample_stems)} "
+                             f"(files {list(info.sample_keys or ())})")
     readers = dp_size * max(1, num_workers)
     if not resampled and len(info.files) < readers:
         raise ValueError(
@@ -598,13 +630,15 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
     """Stream ``split`` of the shards in ``shards_dir`` as dict batches.
 
     Each batch maps every requested modality stem to a tensor (images: float32 (B, C, H, W) in
-    [0, 1], grayscale kept as C=1; ``.npy``: float32; ``.cls``: int64 (B,); ``.json``/``.txt``:
-    lists), plus ``"label"`` (int64 (B,)) when the manifest lists ``label.cls``, plus
+    [0, 1], grayscale kept as C=1; ``.npy``: float32; ``.cls``: int64 (B,); ``.json`` holding a
+    list of ints (token ids): int64 (B, L); other ``.json`` and ``.txt``: lists), plus ``"label"`` (int64 (B,)) when the manifest lists ``label.cls``, plus
     ``"__key__"`` (list of sample keys) when ``return_keys``.
 
     Args:
         batch_size: per data-parallel rank.
-        modalities: key stems to return, e.g. ``["mnist", "svhn"]``.
+        modalities: key stems to return, e.g. ``["mnist", "svhn"]`` or ``["image", "caption"]``
+            (a stem with several files gives its most decodable one: ``caption`` is
+            ``caption.json``), or full keys such as ``"caption.txt"`` (returned under that name).
         dp_rank, dp_size: data-parallel group index and count (ranks of one particle group
             pass the same dp_rank and get identical batches).
         seed, epoch: the shard order and shuffle buffers depend only on these (and the layout);

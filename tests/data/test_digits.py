@@ -161,7 +161,6 @@ def _shard_demo():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "shapes", "--out", "x"], "not implemented yet"),
     (["--dataset", "cifar", "--out", "x"], "unknown --dataset 'cifar'; valid: digits, shapes"),
     (["--dataset", "digits", "--out", "x", "--pairs-per-instance", "0"], "must be >= 1"),
     (["--dataset", "digits"], "required: --out"),

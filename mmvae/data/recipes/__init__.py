@@ -1,16 +1,24 @@
 """Dataset recipes: how raw datasets become paired samples (pure functions + builders).
 
-``pair_by_class`` is numpy-only and imported eagerly; ``build_digits`` pulls in Pillow and
-scikit-learn, so it is resolved lazily on first access.
+``pair_by_class`` is numpy-only and imported eagerly; the builders pull in Pillow, scipy,
+nltk, torch or scikit-learn, so they are resolved lazily on first access.
 """
+from importlib import import_module
+
 from mmvae.data.recipes.pairing import expected_num_pairs, pair_by_class
 
-__all__ = ["pair_by_class", "expected_num_pairs", "build_digits"]
+_BUILDERS = {
+    "build_digits": "mmvae.data.recipes.digits",
+    "build_mnist_svhn": "mmvae.data.recipes.mnist_svhn",
+    "build_cub": "mmvae.data.recipes.cub",
+    "build_shapes": "mmvae.data.recipes.shapes",
+    "InputError": "mmvae.data.recipes.common",
+}
+
+__all__ = ["pair_by_class", "expected_num_pairs", *_BUILDERS]
 
 
 def __getattr__(name):
-    if name == "build_digits":
-        from mmvae.data.recipes.digits import build_digits
-
-        return build_digits
+    if name in _BUILDERS:
+        return getattr(import_module(_BUILDERS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

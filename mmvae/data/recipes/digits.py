@@ -16,14 +16,13 @@ from __future__ import annotations
 import colorsys
 import io
 import logging
-import os
-import zipfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from mmvae.data.recipes.common import save_npz
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.data.writer import MANIFEST, write_manifest, write_shards
 
@@ -180,21 +179,6 @@ def encode_png(image_chw: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def save_npz(path, **arrays: np.ndarray) -> None:
-    """Like ``np.savez_compressed`` but byte-reproducible (fixed zip timestamps) and atomic,
-    so that the manifest's sha256 of side files is the same for the same seed."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name, array in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            zf.writestr(info, buf.getvalue())
-    os.replace(tmp, path)
 
 
 def printed_pool(labels: np.ndarray, split: str, seed: int, fonts: tuple[str, ...]):

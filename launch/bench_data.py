@@ -1,0 +1,140 @@
+"""Data-pipeline throughput (decoded samples/s) on shards of the real formats (a benchmark, not a test).
+
+    python launch/bench_data.py                       # 20k samples per format, workers 0 and 2
+    python launch/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
+
+Builds, in a temporary folder, MNIST-SVHN shards with the real recipe from fake idx/.mat files
+(handwritten 8×8 digits upsampled to 28×28, rendered SVHN-like crops: PNG sizes like the real
+ones) and CUB-format shards (64×64 JPEG scenes with photo-like noise, 32-id captions and 2048-d
+float32 features), then times one training epoch (drop_last, shuffle buffer 1000) of:
+mnist_svhn (mnist+svhn, B=128), cubIS (image+caption, B=64), cubISft (feature+caption, B=64).
+Rates exclude the first batch (worker start-up, shown separately); each cell is the best of
+--repeats runs. With 0 workers the CPU time of this process is also shown (robust to load
+from other processes); with workers only wall time is meaningful, so check `uptime`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+SETS = {"mnist_svhn": ("mnist_svhn", ["mnist", "svhn"], 128), "cubIS": ("cub", ["image", "caption"], 64),
+        "cubISft": ("cub", ["feature", "caption"], 64)}
+
+
+def fake_mnist_svhn(root: Path, samples: int) -> Path:
+    """Real-format raw files, then the real recipe: ~``samples`` train pairs."""
+    import gzip
+
+    from scipy.io import savemat
+
+    from mmvae.data.recipes.digits import available_fonts, load_handwritten, render_printed, to_mnist
+    from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
+
+    images8, labels = load_handwritten()
+    mnist = np.concatenate([to_mnist(x) for x in images8])                 # (N, 28, 28)
+    fonts = available_fonts()
+    svhn = np.stack([render_printed(int(d), np.random.default_rng([1, i]), fonts) for i, d in enumerate(labels)])
+    (root / "mnist").mkdir(parents=True)
+    (root / "svhn").mkdir()
+    for split, sl in (("train", slice(None)), ("test", slice(0, 200))):
+        prefix = "train" if split == "train" else "t10k"
+        for name, arr, magic in (("images-idx3", mnist[sl], 2051), ("labels-idx1", labels[sl], 2049)):
+            header = b"".join(int(v).to_bytes(4, "big") for v in (magic, *arr.shape))
+            payload = gzip.compress(header + arr.astype(np.uint8).tobytes())
+            (root / "mnist" / f"{prefix}-{name}-ubyte.gz").write_bytes(payload)
+        y = labels[sl].copy()
+        y[y == 0] = 10
+        savemat(root / "svhn" / f"{split}_32x32.mat", {"X": svhn[sl].transpose(2, 3, 1, 0), "y": y[:, None]})
+    dm = -(-samples // len(labels))
+    start = time.perf_counter()
+    build_mnist_svhn(root / "mnist", root / "svhn", root / "mnist_svhn", pairs_per_instance=dm, progress=False)
+    print(f"built mnist_svhn ({dm * len(labels)} train pairs) in {time.perf_counter() - start:.1f} s")
+    return root / "mnist_svhn"
+
+
+def fake_cub(root: Path, samples: int) -> Path:
+    """CUB-format shards (all keys incl. feature.npy) from noisy shape scenes and their captions."""
+    from PIL import Image
+
+    from mmvae.data.recipes import captions as cap
+    from mmvae.data.recipes import shapes
+    from mmvae.data.writer import write_manifest
+
+    out = root / "cub"
+    out.mkdir()
+    splits = {}
+    for split, n_img in (("train", -(-samples // 10)), ("test", 100)):
+        images, captions, attrs = shapes._scenes(split, n_img, 0)
+        rng = np.random.default_rng(0)
+        noisy = np.clip(images + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)  # photo-like JPEG size
+        jpegs = [cap.encode_jpeg(Image.fromarray(x.transpose(1, 2, 0))) for x in noisy]
+        if split == "train":
+            vocab = cap.build_vocab([cap.tokenize(c) for c in captions])
+        features = rng.gamma(0.5, 0.8, (n_img, 2048)).astype(np.float32)     # non-negative like avgpool output
+        splits[split] = cap.write_caption_shards(out, split, images_jpg=jpegs, labels=attrs["shape"], captions=captions,
+                                                 ids=cap.encode_all(captions, vocab), features=features, seed=0,
+                                                 shard_size_mb=256, min_shards=16, progress=False)
+    write_manifest(out, "cub_ft", {"fake": True}, splits, sample_keys=cap.CAPTION_KEYS + ["feature.npy"])
+    print(f"built CUB-format shards: {splits['train'][0]['bytes'] / splits['train'][0]['count']:.0f} bytes/sample")
+    return out
+
+
+def time_epoch(shards: Path, modalities, batch_size: int, workers: int) -> dict:
+    from mmvae.data.pipeline import make_loader
+
+    loader = make_loader(shards, "train", batch_size=batch_size, modalities=modalities, num_workers=workers)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    n = 0
+    for i, batch in enumerate(loader):
+        if i == 0:
+            first, wall1, cpu1 = time.perf_counter() - wall0, time.perf_counter(), time.process_time()
+        else:
+            n += len(batch[modalities[0]])
+    wall, cpu = time.perf_counter() - wall1, time.process_time() - cpu1
+    return {"wall": n / wall, "cpu": n / cpu if workers == 0 else None, "first": first, "errors": loader.errors}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=20_000, help="train samples per format")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--dir", help="keep the shards here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    root = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_"))
+    try:
+        built = {}
+        if "mnist_svhn" in args.sets:
+            built["mnist_svhn"] = fake_mnist_svhn(root, args.samples)
+        if {"cubIS", "cubISft"} & set(args.sets):
+            built["cub"] = fake_cub(root, args.samples)
+        print(f"load average before timing: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(f"{'pipeline':<11} {'B':>4} {'workers':>7} {'samples/s (wall)':>17} {'samples/s (cpu)':>16} "
+              f"{'first batch s':>13}")
+        for name in args.sets:
+            kind, modalities, batch_size = SETS[name]
+            for workers in args.workers:
+                runs = [time_epoch(built[kind], modalities, batch_size, workers) for _ in range(args.repeats)]
+                best = max(runs, key=lambda r: r["wall"])
+                cpu = max((r["cpu"] for r in runs if r["cpu"]), default=None)
+                print(f"{name:<11} {batch_size:>4} {workers:>7} {best['wall']:>17.0f} "
+                      f"{(f'{cpu:.0f}' if cpu else '-'):>16} {min(r['first'] for r in runs):>13.2f}", flush=True)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
+    finally:
+        if not args.dir:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

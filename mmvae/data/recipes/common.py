@@ -1,0 +1,71 @@
+"""Helpers shared by the dataset recipes: input errors, shard sizing, reproducible side files."""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """The user's raw dataset files are missing or malformed. The message is one line that
+    names the file expected and where; the launch scripts print it and exit with code 2."""
+
+
+def shard_limits(num_samples: int, shard_size_mb: float, min_shards: int) -> dict:
+    """``write_shards`` limits: shards of at most ``shard_size_mb`` MiB, and at least
+    ``min_shards`` shards (so that dp ranks × workers each get one) when there are enough
+    samples."""
+    if shard_size_mb <= 0 or min_shards < 1:
+        raise ValueError(f"shard_size_mb must be > 0 and min_shards >= 1 (got {shard_size_mb}, {min_shards})")
+    return {"max_bytes": int(shard_size_mb * 2**20), "max_count": max(1, -(-num_samples // min_shards))}
+
+
+def file_sha256(path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_npz(path, *, compress: bool = True, **arrays: np.ndarray) -> None:
+    """Like ``np.savez[_compressed]`` but byte-reproducible (fixed zip timestamps) and atomic,
+    so that the manifest's sha256 of side files depends only on the recipe inputs."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    method = zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=method, allowZip64=True) as zf:
+            for name, array in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = method
+                zf.writestr(info, buf.getvalue(), compresslevel=1 if compress else None)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """One array as ``.npy`` file bytes (what the pipeline's ``.npy`` decoder reads)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def library_versions(*names: str) -> dict:
+    """Versions of the libraries the shard bytes depend on (recorded in the manifest)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
