@@ -1,11 +1,15 @@
 """Training-step throughput and peak memory on random data (a benchmark, not a test).
 
     python launch/bench.py                                   # mnist_svhn, dreg looser, K=30, B=128
-    python launch/bench.py --K 1000 --k-chunk 50 --steps 3   # bounded memory at large K
+    python launch/bench.py objective.K=1000 objective.k_chunk=50 --steps 1 --warmup 0
+    accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
+        --dynamo_backend no launch/bench.py parallel.particle_shards=2 --threads 1
 
-Prints samples/s (datapoints per second) and samples*particles/s, and the peak memory
-(RSS on CPU, torch.cuda.max_memory_allocated on GPU). Run one configuration per process when
-comparing peak RSS: the high-water mark never goes down.
+It times the trainer's own step (`mmvae.train.step.train_step`: noise, particle shards, K-chunks,
+DDP/DeepSpeed backward, optimiser) on a fixed random batch. Overrides are config keys, as for
+launch/train.py. Prints one JSON line: samples/s (datapoints of one particle group per second),
+samples*particles/s, and the peak memory (RSS of rank 0 on CPU, max allocated on GPU). Run one
+configuration per process when comparing peak RSS: the high-water mark never goes down.
 """
 from __future__ import annotations
 
@@ -15,78 +19,79 @@ import resource
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmvae import build_model, objectives  # noqa: E402
-from mmvae.parallel import backward_objective  # noqa: E402
+from mmvae.config import load_config  # noqa: E402
+from mmvae.registry import build_model  # noqa: E402
+from mmvae.train.dist import make_accelerator, make_layout  # noqa: E402
+from mmvae.train.loop import _model_kwargs  # noqa: E402
 from mmvae.train.optim import make_optimizer  # noqa: E402
+from mmvae.train.step import ObjectiveModule, estimator_for, train_step  # noqa: E402
+
+DEFAULTS = ["model.name=mnist_svhn", "model.latent_dim=20", "model.learn_prior=true",
+            "objective.name=dreg", "objective.looser=true", "objective.K=30",
+            "data.batch_size=128", "logging.wandb=disabled"]
 
 
-def random_batch(model, B, device):
-    return [torch.rand(B, *e.data_shape, device=device) for e in model.experts]
+def random_batch(model, B: int, device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {e.modality: torch.rand(B, *e.data_shape, generator=g).to(device)
+            for e in model.experts}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="mnist_svhn")
-    p.add_argument("--objective", default="dreg", choices=["elbo", "iwae", "dreg"])
-    p.add_argument("--looser", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--K", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--k-chunk", type=int, default=0)
-    p.add_argument("--latent-dim", type=int, default=20)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. objective.K=50")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    device = torch.device(args.device)
-    model = build_model(args.model, latent_dim=args.latent_dim, learn_prior=True).to(device)
-    opt = make_optimizer(model, 1e-3)
-    looser = args.looser and model.multimodal
-    estimator = objectives.select(args.objective, model.multimodal, looser=looser)
-    xs = random_batch(model, args.batch_size, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        eps = model.sample_noise(args.K, args.batch_size, device=device)
-        with autocast:
-            if args.objective == "elbo":
-                (-estimator(model, xs, 1, eps=eps).mean()).backward()
-            else:
-                backward_objective(estimator, model, xs, eps, looser=looser, k_chunk=args.k_chunk,
-                                   backward=lambda loss, last: loss.backward())
-        opt.step()
-
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
+    cfg = load_config(None, DEFAULTS + args.overrides)
+    acc = make_accelerator(cfg)
+    layout = make_layout(acc, cfg)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    optimizer = make_optimizer(model, cfg.train.lr)
+    wrapped, optimizer = acc.prepare(ObjectiveModule(model, estimator_for(cfg, model.multimodal)),
+                                     optimizer)
+    ctx = SimpleNamespace(cfg=cfg, model=model, accelerator=acc, layout=layout, step=0,
+                          wrapped=wrapped, optimizer=optimizer, params=list(model.parameters()),
+                          looser=cfg.objective.looser and model.multimodal)
+    batch = random_batch(model, cfg.data.batch_size, acc.device, seed=layout.dp_rank)
+    cuda = acc.device.type == "cuda"
+    for ctx.step in range(args.warmup):
+        train_step(ctx, batch)
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    acc.wait_for_everyone()
     t0 = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
+    for ctx.step in range(args.warmup, args.warmup + args.steps):
+        train_step(ctx, batch)
+    if cuda:
         torch.cuda.synchronize()
+    acc.wait_for_everyone()
     seconds = (time.perf_counter() - t0) / args.steps
-    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+    peak = (torch.cuda.max_memory_allocated() if cuda
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    result = {"model": args.model, "objective": args.objective, "looser": looser, "K": args.K,
-              "batch_size": args.batch_size, "k_chunk": args.k_chunk, "device": str(device),
-              "precision": args.precision, "threads": torch.get_num_threads(),
-              "step_s": round(seconds, 4), "samples_per_s": round(args.batch_size / seconds, 1),
-              "samples_particles_per_s": round(args.batch_size * args.K / seconds, 1),
-              "peak_mem_mb": round(peak / 2**20, 1)}
-    print(json.dumps(result))
+    B, K = cfg.data.batch_size * layout.dp_size, cfg.objective.K
+    if acc.is_main_process:
+        print(json.dumps({
+            "model": cfg.model.name, "objective": cfg.objective.name, "looser": ctx.looser,
+            "K": K, "batch_size": cfg.data.batch_size, "k_chunk": cfg.objective.k_chunk,
+            "processes": layout.world, "particle_shards": layout.particle_shards,
+            "device": str(acc.device), "precision": cfg.train.mixed_precision,
+            "threads": torch.get_num_threads(), "step_s": round(seconds, 4),
+            "samples_per_s": round(B / seconds, 1),
+            "samples_particles_per_s": round(B * K / seconds, 1),
+            "peak_mem_mb": round(peak / 2**20, 1)}))
+    acc.end_training()
     return 0
 
 

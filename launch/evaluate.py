@@ -1,7 +1,9 @@
 """Evaluate a run: `python launch/evaluate.py --run RUN_DIR [--metrics a,b] [key=value ...]`.
 
 Writes RUN_DIR/eval.json, RUN_DIR/eval/*.png and RUN_DIR/report.md; prints the metrics table.
-Metrics: likelihood, coherence (digit datasets), latent, pictures (default: eval.metrics).
+Metrics: likelihood, coherence (digit datasets), latent, pictures, cca (feature-caption models)
+(default: eval.metrics). Also runs under `accelerate launch` (see README): the likelihood and
+coherence batches are split across the processes, with the numbers of one process.
 """
 from __future__ import annotations
 
@@ -28,26 +30,32 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
+    import torch
+    from accelerate import Accelerator
     from rich.console import Console
-    from rich.table import Table
 
-    from mmvae.eval.report import metrics_rows
+    from mmvae.eval.distributed import Ranks
+    from mmvae.eval.report import metrics_table
     from mmvae.eval.run import execute, prepare
+    from mmvae.train.dist import release
 
-    try:  # every check happens here, before anything is computed or written
-        ctx, names = prepare(args.run, metrics, args.overrides)
-    except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
-        print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
-        return 2
-    payload = execute(ctx, names)
-    table = Table(title=f"{payload['model']} on {payload['dataset']}")
-    for col in ("metric", "value", "paper"):
-        table.add_column(col, justify="left" if col == "metric" else "right")
-    for row in metrics_rows(payload):
-        table.add_row(*row)
-    console = Console()
-    console.print(table)
-    console.print(f"report: {payload['report']}")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU (ENVIRONMENT.md)
+    ranks = Ranks(accelerator.process_index, accelerator.num_processes)
+    try:
+        try:  # every check happens here, before anything is computed or written
+            ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,
+                                 device=str(accelerator.device))
+        except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+            if ranks.is_main:
+                print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+            return 2
+        payload = execute(ctx, names)
+    finally:
+        release(accelerator)
+    if ranks.is_main:
+        console = Console()
+        console.print(metrics_table(payload))
+        console.print(f"report: {payload['report']}")
     return 0
 
 

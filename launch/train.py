@@ -5,8 +5,14 @@ Also runs as `python launch/train.py ...` (one process). See README "Training".
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":
+    # SLURM's warning signal (SIGUSR1, launch/slurm/) may come while torch is still importing;
+    # by default it would kill the process. Hold it pending until the trainer can act on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
@@ -20,7 +26,7 @@ def parse_args(argv):
     p.add_argument("--resume", help="'auto' (latest checkpoint of the run, if any) or a path")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.K=50")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before or after the options
 
 
 def main(argv=None) -> int:
@@ -30,6 +36,7 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
+        from mmvae.train.dist import is_main_process
         from mmvae.train.loop import TrainingStopped, fit
 
         run_dir, status = fit(cfg, resume=args.resume)
@@ -39,7 +46,8 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 1
-    print(f"{status}: {run_dir}")
+    if is_main_process():  # one line for scripts to read, not one per rank
+        print(f"{status}: {run_dir}")
     return 0
 
 

@@ -131,7 +131,7 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["likelihood", "coherence", "latent",
                                                    "pictures"])
     """Metrics computed by launch/evaluate.py: likelihood | coherence (digit pairs) | latent |
-    pictures; inapplicable ones are skipped with a note."""
+    pictures | cca (CUB feature + caption models); inapplicable ones are skipped with a note."""
     iwae_K: int = 1000
     """Particles of the IWAE log-likelihood estimates."""
     k_chunk: int = 100
@@ -157,6 +157,17 @@ class EvalConfig:
     """Datapoints of the first test batch shown in pictures and plots."""
     toy_datapoints: int = 1000
     """Test datapoints sampled from the linear-Gaussian reference models (no shards)."""
+    likelihood_datapoints: int = 0
+    """Likelihood only: stop after this many test datapoints (0 = eval.max_datapoints)."""
+    cca_dir: str = ""
+    """Folder of the CCA coherence artifacts (FastText vectors, CCA projections, means); empty =
+    <data.shards>/cca. Fitted there on first use, then loaded."""
+    cca_reset: bool = False
+    """Refit the CCA artifacts even if present (overwrites them)."""
+    cca_k: int = 40
+    """Canonical directions of the CCA coherence (paper: 40)."""
+    cca_samples: int = 1000
+    """Prior samples of the CCA joint coherence (paper: 1,000)."""
 
 
 @dataclass
@@ -191,12 +202,12 @@ CHOICES = {
 POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.particle_shards",
             "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
             "eval.likelihood_batch", "eval.coherence_samples", "eval.plot_batch",
-            "eval.toy_datapoints")
+            "eval.toy_datapoints", "eval.cca_k", "eval.cca_samples")
 NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
                 "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
                 "train.test_every", "train.test_batches", "model.llik_scaling",
                 "eval.k_chunk", "model.num_hidden_layers", "model.vocab_size", "eval.max_datapoints",
-                "eval.classifier_epochs", "eval.latent_max_train")
+                "eval.classifier_epochs", "eval.latent_max_train", "eval.likelihood_datapoints")
 
 
 def _sections():

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from mmvae.config import ConfigError, ModelConfig
-from mmvae.models import digits, toy
+from mmvae.models import cub, digits, toy
 
 MODELS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
     "mnist": digits.build_mnist,
@@ -17,6 +17,11 @@ MODELS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
     "mnist_svhn": digits.build_mnist_svhn,
     "gaussian": toy.build_gaussian,
     "gaussian_pair": toy.build_gaussian_pair,
+    "cub_image": cub.build_cub_image,
+    "cub_image_ft": cub.build_cub_image_ft,
+    "cub_sentence": cub.build_cub_sentence,
+    "cubIS": cub.build_cubIS,
+    "cubISft": cub.build_cubISft,
 }
 
 

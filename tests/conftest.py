@@ -27,3 +27,8 @@ def gaussian_pair():
     model = mmvae.build_model("gaussian_pair", latent_dim=2, data_dim=3)
     model.set_exact_posterior()
     return model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: needs a SLURM cluster (tests/test_slurm.py brings "
+                                       "one up on loopback with scripts/slurm_local.sh)")

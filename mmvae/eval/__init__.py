@@ -6,9 +6,11 @@ One module per job:
 * `classifiers`  the digit classifiers of the coherence metrics, trained on unique images, cached;
 * `coherence`    cross and joint coherence (MNIST-SVHN style digit datasets);
 * `latent`       latent classification accuracy (logistic regression on posterior samples);
+* `text`, `cca`  CUB CCA coherence: FastText + SIF sentence vectors, CCA space, its artifacts;
 * `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
 * `plots`        latent embedding (UMAP) and per-dimension KL box plots;
 * `report`       the metrics table and `report.md`;
+* `distributed`  `Ranks`: metrics sharded over `accelerate launch` processes, gathered in order;
 * `run`          `evaluate_run(run_dir, metrics)`: the metric registry and the glue to the data.
 
 Importing `mmvae.eval` is cheap: submodules (and matplotlib, umap, sklearn) load on first use.
@@ -30,6 +32,10 @@ _EXPORTS = {
     "cross_coherence": "coherence",
     "joint_coherence": "coherence",
     "latent_accuracy": "latent",
+    "cca_coherence": "cca",
+    "cca_joint": "cca",
+    "CaptionCCA": "cca",
+    "Ranks": "distributed",
     "embedding_plot": "plots",
     "kl_plot": "plots",
     "write_report": "report",

@@ -23,6 +23,7 @@ import torch
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.eval import eval_mode
 from mmvae.eval.classifiers import as_float_images, predict
+from mmvae.eval.distributed import SINGLE, Ranks, batch_generator
 
 
 def unique_pairs(unique: dict[str, tuple[np.ndarray, np.ndarray]], modalities: Sequence[str],
@@ -46,36 +47,34 @@ def array_batches(images: Sequence, labels, batch_size: int = 256):
 
 
 def cross_coherence(model, batches: Iterable[tuple[Sequence[torch.Tensor], torch.Tensor]],
-                    classifiers: dict, *, seed: int = 0, max_datapoints: int | None = None) -> dict:
+                    classifiers: dict, *, seed: int = 0, max_datapoints: int | None = None,
+                    ranks: Ranks = SINGLE) -> dict:
     """Cross (e -> d, e != d) and self (e = d) coherence over labelled paired batches.
 
     batches: (xs, labels), xs one (B, C, H, W) tensor per modality in model.modalities order.
     classifiers: modality -> module mapping images to class scores (argmax = prediction).
+    Batch i draws z from a generator seeded with (seed, i); with `ranks`, each process scores
+    its share of the batches (``mmvae.eval.distributed``).
     Returns ``{"values": {"cross_{e}_to_{d}": acc, "self_{d}": acc}, "num_pairs", "seed"}``.
     """
-    names, experts = model.modalities, model.experts
-    device = model.prior_params()[0].device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    correct = torch.zeros(len(names), len(names), dtype=torch.long)  # [e, d]
+    names, device = model.modalities, model.prior_params()[0].device
+    rows: dict[int, list] = {}
     n = 0
     with eval_mode(model):
-        for xs, labels in batches:
+        for index, (xs, labels) in enumerate(batches):
             if max_datapoints is not None:
                 xs, labels = [x[: max_datapoints - n] for x in xs], labels[: max_datapoints - n]
             if len(labels) == 0:
                 break
-            for e, (enc, x) in enumerate(zip(experts, xs)):
-                loc, scale = enc.posterior(x.to(device))
-                eps = enc.posterior_family.noise(loc.shape, generator, device)
-                z = enc.posterior_family.reparam(loc, scale, eps)  # (B, D): one sample per pair
-                for d, dec in enumerate(experts):
-                    mean = dec.likelihood.mean(dec.decode(z)).float()
-                    correct[e, d] += (predict(classifiers[names[d]], mean) == labels.cpu()).sum()
+            if ranks.owns(index):
+                generator = batch_generator(seed, index, device)
+                rows[index] = _correct(model, xs, labels, classifiers, generator).tolist()
             n += len(labels)
             if max_datapoints is not None and n >= max_datapoints:
                 break
     if n == 0:
         raise ValueError("cross_coherence got no datapoints")
+    correct = torch.tensor(ranks.gather_by_index(rows)).sum(0)  # [e, d]
     values = {}
     for e, name_e in enumerate(names):
         for d, name_d in enumerate(names):
@@ -84,25 +83,45 @@ def cross_coherence(model, batches: Iterable[tuple[Sequence[torch.Tensor], torch
     return {"values": values, "num_pairs": n, "seed": seed}
 
 
+def _correct(model, xs, labels, classifiers, generator) -> torch.Tensor:
+    """(M, M) counts of correctly classified decodings, [encoder e, decoder d]."""
+    names, experts = model.modalities, model.experts
+    device = model.prior_params()[0].device
+    correct = torch.zeros(len(names), len(names), dtype=torch.long)
+    for e, (enc, x) in enumerate(zip(experts, xs)):
+        loc, scale = enc.posterior(x.to(device))
+        eps = enc.posterior_family.noise(loc.shape, generator, device)
+        z = enc.posterior_family.reparam(loc, scale, eps)  # (B, D): one sample per pair
+        for d, dec in enumerate(experts):
+            mean = dec.likelihood.mean(dec.decode(z)).float()
+            correct[e, d] += (predict(classifiers[names[d]], mean) == labels.cpu()).sum()
+    return correct
+
+
 def joint_coherence(model, classifiers: dict, *, num_samples: int = 10_000, batch_size: int = 1000,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, ranks: Ranks = SINGLE) -> dict:
     """Fraction of prior samples whose decoded modalities all get the same predicted class.
 
-    Returns ``{"values": {"joint": frac}, "num_samples", "seed", "class_counts"}`` where
-    class_counts[m] is the histogram of modality m's predictions (a collapsed generator that
-    always draws one digit scores joint coherence 1 while its histogram shows the collapse).
+    Chunk i of `batch_size` samples is drawn with a generator seeded with (seed, i) and scored
+    by rank i % world. Returns ``{"values": {"joint": frac}, "num_samples", "seed",
+    "class_counts"}`` where class_counts[m] is the histogram of modality m's predictions (a
+    collapsed generator that always draws one digit scores joint coherence 1 while its
+    histogram shows the collapse).
     """
     if len(model.experts) < 2:
         raise ValueError("joint coherence needs a multimodal model")
     device = model.prior_params()[0].device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    agree, counts = 0, {m: torch.zeros(10, dtype=torch.long) for m in model.modalities}
+    starts = range(0, num_samples, batch_size)
+    rows: dict[int, list] = {}
     with eval_mode(model):
-        for start in range(0, num_samples, batch_size):
+        for index, start in ranks.mine(starts):
+            generator = batch_generator(seed, index, device)
             means = model.generate(min(batch_size, num_samples - start), generator)
             preds = torch.stack([predict(classifiers[m], x) for m, x in zip(model.modalities, means)])
-            agree += (preds == preds[:1]).all(0).sum().item()  # preds: (M, n)
-            for m, p in zip(model.modalities, preds):
-                counts[m] += torch.bincount(p, minlength=10)[:10]
+            counts = [torch.bincount(p, minlength=10)[:10].tolist() for p in preds]  # preds: (M, n)
+            rows[index] = [(preds == preds[:1]).all(0).sum().item(), counts]
+    gathered = ranks.gather_by_index(rows)
+    agree = sum(row[0] for row in gathered)
+    counts = torch.tensor([row[1] for row in gathered]).sum(0)  # (M, 10)
     return {"values": {"joint": agree / num_samples}, "num_samples": num_samples, "seed": seed,
-            "class_counts": {m: c.tolist() for m, c in counts.items()}}
+            "class_counts": {m: c.tolist() for m, c in zip(model.modalities, counts)}}

@@ -29,6 +29,7 @@ from typing import Iterable, Sequence
 import torch
 
 from mmvae.eval import eval_mode
+from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
 from mmvae.objectives import log_q_matrix
 
 DEFAULT_K = 1000
@@ -97,32 +98,35 @@ def batch_log_likelihoods(model, xs: Sequence[torch.Tensor], K: int = DEFAULT_K,
 
 def calculate_likelihoods(model, batches: Iterable[Sequence[torch.Tensor]], *,
                           K: int = DEFAULT_K, k_chunk: int = 100, seed: int = 0,
-                          max_datapoints: int | None = None) -> dict:
+                          max_datapoints: int | None = None, ranks: Ranks = SINGLE) -> dict:
     """Average the per-datapoint estimates over `batches` (lists of modality tensors).
 
     Returns ``{"values": {name: mean nats per datapoint}, "K", "k_chunk", "seed",
-    "num_datapoints", "llik_scaling"}``. The noise comes from one generator seeded with `seed`,
-    so a rerun with the same batches gives the same numbers.
+    "num_datapoints", "llik_scaling"}``. Batch i draws its noise from a generator seeded with
+    (seed, i), so a rerun with the same batches gives the same numbers, and so does any number
+    of processes (`ranks`: each computes its share of the batches; see
+    ``mmvae.eval.distributed``).
     """
     if K < 1:
         raise ValueError(f"K must be >= 1, got {K}")
     device = model.prior_params()[0].device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    sums: dict[str, float] = {}
+    rows: dict[int, dict[str, float]] = {}
     n = 0
-    for xs in batches:
-        xs = [x.to(device) for x in xs]
+    for index, xs in enumerate(batches):
         if max_datapoints is not None:
             xs = [x[: max_datapoints - n] for x in xs]
-        if xs[0].shape[0] == 0:
+        size = xs[0].shape[0]
+        if size == 0:
             break
-        est = batch_log_likelihoods(model, xs, K, k_chunk=k_chunk, generator=generator)
-        for key, value in est.items():
-            sums[key] = sums.get(key, 0.0) + value.double().sum().item()
-        n += xs[0].shape[0]
+        if ranks.owns(index):
+            est = batch_log_likelihoods(model, [x.to(device) for x in xs], K, k_chunk=k_chunk,
+                                        generator=batch_generator(seed, index, device))
+            rows[index] = {key: value.double().sum().item() for key, value in est.items()}
+        n += size
         if max_datapoints is not None and n >= max_datapoints:
             break
     if n == 0:
         raise ValueError("calculate_likelihoods got no datapoints")
+    sums = sum_in_order(ranks.gather_by_index(rows))
     return {"values": {key: s / n for key, s in sums.items()}, "K": K, "k_chunk": k_chunk,
             "seed": seed, "num_datapoints": n, "llik_scaling": list(model.llik_scaling)}

@@ -9,6 +9,10 @@ of the model itself. Outputs:
   {"values": {...}, ...details}}};
 * ``RUN_DIR/eval/*.png``: pictures and plots (metric ``pictures``);
 * ``RUN_DIR/report.md``: one page with the metrics table and the pictures.
+
+Under ``accelerate launch`` the entry point passes ``Ranks(rank, world)``: the sharded metrics
+(``SHARDED``) split their batches across the processes and give the numbers of one process
+(``mmvae.eval.distributed``); the others run on the main process, which alone writes files.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ import numpy as np
 import torch
 
 from mmvae.config import Config, EvalConfig, _apply, load_config, validate
+from mmvae.eval import cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
+from mmvae.eval.distributed import SINGLE, Ranks
 from mmvae.eval.latent import latent_accuracy
 from mmvae.eval.likelihoods import calculate_likelihoods
 from mmvae.eval.pictures import save_prior_samples, save_reconstructions
@@ -35,6 +41,8 @@ from mmvae.registry import load_model
 
 DIGIT_MODALITIES = frozenset({"mnist", "svhn"})
 EVAL_DIR, EVAL_JSON, REPORT = "eval", "eval.json", "report.md"
+# Eval options proposed for the config's eval section, with their defaults; until they are
+# there, `EvalContext.option` falls back to these (afterwards they are unused).
 def resolve_options(cfg: Config, **explicit) -> EvalConfig:
     """The run's `eval` config section with explicit keyword options applied (validated like
     command-line overrides)."""
@@ -55,6 +63,7 @@ class EvalContext:
     seed: int
     device: torch.device
     progress: object | None = None  # rich Progress or None
+    ranks: Ranks = SINGLE
 
     @property
     def out_dir(self) -> Path:
@@ -83,24 +92,30 @@ class EvalContext:
         self.progress.remove_task(task)
 
     def labelled_batches(self, split: str = "test", batch_size: int | None = None):
-        """(xs, labels) batches, xs in model.modalities order on the device; labels None for
-        the toy models. Test data are read once in shard order, the last batch partial."""
+        """(xs, labels) batches, xs in model.modalities order (on CPU: a metric moves the
+        batches it computes); labels None for the toy models. The split is read once in shard
+        order, the last batch partial; every rank reads the same batches."""
         batch_size = batch_size or self.options.batch_size
         if self.is_toy:
             gen = torch.Generator().manual_seed(self.seed + (split == "test"))
             data = self.model.sample_data(self.options.toy_datapoints, gen)
             data = data if isinstance(data, list) else [data]
             for i in range(0, self.options.toy_datapoints, batch_size):
-                yield [x[i:i + batch_size].to(self.device) for x in data], None
+                yield [x[i:i + batch_size] for x in data], None
             return
+        for batch in self.shard_batches(split, self.model.modalities, batch_size):
+            yield [batch[m] for m in self.model.modalities], batch.get("label")
+
+    def shard_batches(self, split: str, modalities: Sequence[str], batch_size: int):
+        """Dict batches of the shards in shard order (no shuffle, last batch partial); lists
+        (captions from .json) become tensors."""
         from mmvae.data import make_loader
 
-        loader = make_loader(self.shards_dir, split, batch_size=batch_size,
-                             modalities=self.model.modalities, num_workers=self.cfg.data.num_workers,
-                             seed=self.seed, shuffle=False, drop_last=False,
-                             on_error=self.cfg.data.on_error)
+        loader = make_loader(self.shards_dir, split, batch_size=batch_size, modalities=modalities,
+                             num_workers=self.cfg.data.num_workers, seed=self.seed, shuffle=False,
+                             drop_last=False, on_error=self.cfg.data.on_error)
         for batch in loader:
-            yield ([batch[m].to(self.device) for m in self.model.modalities], batch.get("label"))
+            yield {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in batch.items()}
 
     def num_batches(self, split: str = "test", limit: int = 0,
                     batch_size: int | None = None) -> int | None:
@@ -129,19 +144,21 @@ class EvalContext:
 # --- the metrics -------------------------------------------------------------------------------
 
 def metric_likelihood(ctx: EvalContext) -> dict:
-    limit, batch_size = ctx.options.max_datapoints, ctx.options.likelihood_batch
+    limit = ctx.options.likelihood_datapoints or ctx.options.max_datapoints
+    batch_size = ctx.options.likelihood_batch
     batches = (xs for xs, _ in ctx.labelled_batches("test", batch_size))
     return calculate_likelihoods(
         ctx.model, ctx.track(batches, "likelihood", ctx.num_batches("test", limit, batch_size)),
         K=ctx.cfg.eval.iwae_K, k_chunk=ctx.cfg.eval.k_chunk, seed=ctx.seed,
-        max_datapoints=limit or None)
+        max_datapoints=limit or None, ranks=ctx.ranks)
 
 
 def metric_coherence(ctx: EvalContext) -> dict:
     model, opts = ctx.model, ctx.options
-    classifiers, infos = load_or_train_classifiers(
-        ctx.shards_dir, model.modalities, epochs=opts.classifier_epochs, seed=ctx.seed,
-        image_shapes={e.modality: e.data_shape for e in model.experts}, device=ctx.device)
+    with ctx.ranks.main_first():  # the main process trains and caches, the others load
+        classifiers, infos = load_or_train_classifiers(
+            ctx.shards_dir, model.modalities, epochs=opts.classifier_epochs, seed=ctx.seed,
+            image_shapes={e.modality: e.data_shape for e in model.experts}, device=ctx.device)
     mode = opts.coherence_pairs
     if mode == "auto":
         mode = "unique" if ctx.has_unique("test") and len(model.modalities) == 2 else "shards"
@@ -156,13 +173,14 @@ def metric_coherence(ctx: EvalContext) -> dict:
         pairs = "duplicated: the shards' test pairs (each unique image in several pairs)"
     n_batches = -(-min(total, opts.max_datapoints or total) // opts.batch_size) if total else None
     cross = cross_coherence(model, ctx.track(batches, "cross coherence", n_batches), classifiers,
-                            seed=ctx.seed, max_datapoints=opts.max_datapoints or None)
+                            seed=ctx.seed, max_datapoints=opts.max_datapoints or None,
+                            ranks=ctx.ranks)
     values = dict(cross["values"])
     result = {"test_pairs": pairs, "num_pairs": cross["num_pairs"], "seed": ctx.seed,
               "classifiers": infos}
     if len(model.modalities) > 1:
         joint = joint_coherence(model, classifiers, num_samples=opts.coherence_samples,
-                                seed=ctx.seed)
+                                seed=ctx.seed, ranks=ctx.ranks)
         values.update(joint["values"])
         result.update(joint_samples=joint["num_samples"], joint_class_counts=joint["class_counts"])
     for m, info in infos.items():
@@ -200,7 +218,7 @@ def metric_latent(ctx: EvalContext) -> dict:
 
 def metric_pictures(ctx: EvalContext) -> dict:
     xs, labels = next(iter(ctx.labelled_batches("test", ctx.options.plot_batch)))
-    out = ctx.out_dir
+    xs, out = [x.to(ctx.device) for x in xs], ctx.out_dir
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
     files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png"))
     files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen)
@@ -213,13 +231,50 @@ def metric_pictures(ctx: EvalContext) -> dict:
             "embedding_points": emb["points"], "mean_kl": kls["mean_kl"]}
 
 
+def metric_cca(ctx: EvalContext) -> dict:
+    """CUB CCA coherence (``mmvae.eval.cca``): the CCA space is fitted once per shards folder
+    (by the main process) and loaded afterwards; the test pairs and prior samples are sharded."""
+    folder = Path(ctx.options.cca_dir or ctx.shards_dir / "cca")
+    k = ctx.options.cca_k
+    log = _console_log if ctx.ranks.is_main else (lambda msg: None)
+
+    def train_pairs():
+        for batch in ctx.shard_batches("train", list(cca.MODALITIES), 1024):
+            yield batch["feature"], batch["caption"]
+
+    with ctx.ranks.main_first():  # others load what the main process fitted
+        space, info = cca.load_or_fit(folder, ctx.shards_dir / "vocab.json", train_pairs, k=k,
+                                      reset=ctx.options.cca_reset and ctx.ranks.is_main, log=log)
+    opts = ctx.options
+    n_batches = ctx.num_batches("test", opts.max_datapoints)
+    batches = ctx.track(ctx.labelled_batches("test"), "CCA coherence", n_batches)
+    cross = cca.cca_coherence(ctx.model, batches, space, seed=ctx.seed,
+                              max_datapoints=opts.max_datapoints or None, ranks=ctx.ranks)
+    joint = cca.cca_joint(ctx.model, space, num_samples=ctx.options.cca_samples, seed=ctx.seed,
+                          ranks=ctx.ranks)
+    artifacts = {key: info[key] for key in ("dir", "loaded", "k", "seed", "num_train_pairs",
+                                            "top_correlations") if key in info}
+    return {"values": {**cross["values"], **joint["values"]}, "num_pairs": cross["num_pairs"],
+            "joint_samples": joint["num_samples"], "seed": ctx.seed, "artifacts": artifacts,
+            "test_pairs": "every test pair once (the paper: full batches of 256 only)"}
+
+
+def _console_log(message: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(f"[dim]{message}[/dim]")
+
+
 METRICS: dict[str, Callable[[EvalContext], dict]] = {
     "likelihood": metric_likelihood,
     "coherence": metric_coherence,
     "latent": metric_latent,
     "pictures": metric_pictures,
+    "cca": metric_cca,
 }
 NEEDS_LABELS = ("coherence", "latent")
+# Computed by every process on its share of the batches; the others run on the main process.
+SHARDED = ("likelihood", "coherence", "cca")
 
 
 def inapplicable(name: str, ctx: EvalContext) -> str | None:
@@ -229,12 +284,27 @@ def inapplicable(name: str, ctx: EvalContext) -> str | None:
     if name == "coherence" and not set(ctx.model.modalities) <= DIGIT_MODALITIES:
         return (f"coherence needs digit modalities ({', '.join(sorted(DIGIT_MODALITIES))}); "
                 f"the model has {', '.join(ctx.model.modalities)}")
+    if name == "cca":
+        return _cca_inapplicable(ctx)
     if name == "coherence" and not ctx.is_toy and not ctx.has_unique("train"):
         cached = all((ctx.shards_dir / CACHE_DIR / f"{m}.pt").is_file()
                      for m in ctx.model.modalities)
         if not cached:
             return (f"coherence: {ctx.shards_dir} has neither unique_train.npz nor cached "
                     f"classifiers in {CACHE_DIR}/ to classify digits with")
+    return None
+
+
+def _cca_inapplicable(ctx: EvalContext) -> str | None:
+    missing = [m for m in cca.MODALITIES if m not in ctx.model.modalities]
+    if ctx.is_toy or missing:
+        return (f"cca needs modalities {' and '.join(cca.MODALITIES)} (cubISft); the model has "
+                f"{', '.join(ctx.model.modalities)}")
+    folder = Path(ctx.options.cca_dir or ctx.shards_dir / "cca")
+    if not (ctx.shards_dir / "vocab.json").is_file():
+        return f"cca: {ctx.shards_dir} has no vocab.json (caption shards from launch/shard_cub.py)"
+    if not (folder / "cca.npz").is_file() and ctx.num_samples("train") is None:
+        return f"cca: no fitted CCA space in {folder} and no train split to fit one on"
     return None
 
 
@@ -270,10 +340,11 @@ def _json_default(obj):
 
 
 def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[str] = (), *,
-            progress: bool | None = None, device: str | None = None,
+            progress: bool | None = None, device: str | None = None, ranks: Ranks = SINGLE,
             **options) -> tuple[EvalContext, list[str]]:
     """Load and check everything `execute` needs; raises ConfigError / ValueError /
-    FileNotFoundError for a bad run folder, override, option or metric name. Writes nothing."""
+    FileNotFoundError for a bad run folder, override, option or metric name. Writes nothing.
+    `ranks`: this process among several (``accelerate launch``); the default is one process."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} not found")
@@ -285,13 +356,14 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
     opts = resolve_options(cfg, **options)
     model = load_model(run_dir / "model", map_location="cpu")
     toy = hasattr(model, "sample_data")  # tiny linear models: CPU (their sampler is CPU-only)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() and not toy else "cpu"))
+    dev = torch.device("cpu" if toy else device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
-    bar = _progress(cfg.logging.progress if progress is None else progress)
-    ctx = EvalContext(run_dir, cfg, model, opts, cfg.train.seed, dev, bar)
+    bar = _progress(ranks.is_main and (cfg.logging.progress if progress is None else progress))
+    ctx = EvalContext(run_dir, cfg, model, opts, cfg.train.seed, dev, bar, ranks)
     if not explicit:  # the config's list: run what applies to this model, say what was skipped
         for name in [n for n in names if n in METRICS and inapplicable(n, ctx)]:
-            warnings.warn(f"skipping {inapplicable(name, ctx)}", stacklevel=2)
+            if ranks.is_main:
+                warnings.warn(f"skipping {inapplicable(name, ctx)}", stacklevel=2)
             names.remove(name)
     check_metrics(names, ctx)
     return ctx, names
@@ -299,29 +371,36 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
 
 def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
     """Run the metrics, write eval.json and report.md; returns the eval.json content plus
-    "report" (the report's path)."""
-    results, start = {}, time.perf_counter()
+    "report" (the report's path). With several processes every one must call this: they share
+    the `SHARDED` metrics, the main process runs the rest and writes the files, and all return
+    its payload."""
+    results, timings, start = {}, {}, time.perf_counter()
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
         torch.manual_seed(ctx.seed)  # anything that still draws from the global generator
         if ctx.progress is not None:
             ctx.progress.start()
         try:
             for name in names:
-                results[name] = METRICS[name](ctx)
+                if name in SHARDED or ctx.ranks.is_main:
+                    began = time.perf_counter()
+                    results[name] = METRICS[name](ctx)
+                    timings[name] = round(time.perf_counter() - began, 2)
         finally:
             if ctx.progress is not None:
                 ctx.progress.stop()
+    if not ctx.ranks.is_main:
+        return ctx.ranks.broadcast(None)
     cfg, model = ctx.cfg, ctx.model
     payload = {"run_dir": str(ctx.run_dir), "model": cfg.model.name, "modalities": model.modalities,
                "dataset": ctx.dataset(), "shards": None if ctx.is_toy else str(ctx.shards_dir),
                "seed": ctx.seed, "device": str(ctx.device),
-               "seconds": round(time.perf_counter() - start, 2),
+               "seconds": round(time.perf_counter() - start, 2), "metric_seconds": timings,
                "options": dataclasses.asdict(ctx.options), "eval_config": dataclasses.asdict(cfg.eval),
                "metrics": results}
     payload = json.loads(json.dumps(payload, default=_json_default))  # plain JSON types
     (ctx.run_dir / EVAL_JSON).write_text(json.dumps(payload, indent=2) + "\n")
     payload["report"] = str(write_report(ctx.run_dir, payload))
-    return payload
+    return ctx.ranks.broadcast(payload)
 
 
 def evaluate_run(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[str] = (),

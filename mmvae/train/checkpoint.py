@@ -3,16 +3,20 @@
 Layout: RUN_DIR/checkpoints/<step>/{state.pt, rng-<rank>.pt, meta.json} and the text file
 RUN_DIR/checkpoints/latest naming the newest. A checkpoint is written into `.tmp-<step>/`
 (every rank adds its own RNG file), then renamed and `latest` replaced atomically; a crash
-mid-write leaves the previous checkpoint and `latest` intact. Everything loads with
+mid-write leaves the previous checkpoint and `latest` intact. Saving a step that already has a
+checkpoint (end of epoch after a periodic save) moves the old one to `.old-<step>/` first, and
+`latest()` falls back to it if a crash comes between the two renames. Everything loads with
 `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 LATEST = "latest"
@@ -25,7 +29,15 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
+    """This process's global generators (torch, CUDA, Python, NumPy) as weights_only-loadable
+    tensors and lists. Particle noise and data order do not use them (they are functions of the
+    seed and step), but anything else that draws does."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": [version, list(py_state), gauss],
+             "numpy": [np_name, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss,
+                       np_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -33,6 +45,12 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "python" in state:
+        version, py_state, gauss = state["python"]
+        random.setstate((version, tuple(py_state), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -56,17 +74,33 @@ def write_main_files(ckpt_root: Path, step: int, state: dict, meta: dict) -> Non
     (path / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
+def discard(ckpt_root: Path, step: int) -> None:
+    """Drop a temporary checkpoint whose write failed (the committed ones stay)."""
+    shutil.rmtree(tmp_dir(ckpt_root, step), ignore_errors=True)
+
+
 def commit(ckpt_root: Path, step: int, keep_last: int) -> Path:
     """Main process, after every rank wrote: rename into place, point `latest`, prune."""
     final = ckpt_root / f"{step:09d}"
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # `latest` may name it: keep a complete copy until the new one is in place
+        shutil.rmtree(_aside(final), ignore_errors=True)
+        os.replace(final, _aside(final))
     os.replace(tmp_dir(ckpt_root, step), final)
     _atomic_write_text(ckpt_root / LATEST, final.name + "\n")
     done = sorted(p for p in ckpt_root.iterdir() if p.is_dir() and p.name.isdigit())
-    for old in done[:-keep_last]:
+    for old in [p for p in done[:-keep_last] if p != final]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in [*ckpt_root.glob(".tmp-*"), *ckpt_root.glob(".old-*")]:  # from crashed writes
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".old-{final.name}")
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "state.pt").is_file() and (path / "meta.json").is_file()
 
 
 def latest(ckpt_root: Path) -> Path | None:
@@ -74,7 +108,10 @@ def latest(ckpt_root: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = ckpt_root / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    for candidate in (path, _aside(path)):
+        if is_complete(candidate):
+            return candidate
+    return None
 
 
 def load(path: Path, rank: int, map_location="cpu") -> tuple[dict, dict, dict | None]:

@@ -7,6 +7,7 @@ rank % P). Everything else asks this module for `Layout` and never reads rank va
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,37 @@ class Layout:
         return self.rank == 0
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the launch (also after `release`, which keeps the process group)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def deepspeed_requested() -> bool:
+    """`accelerate launch` with a DeepSpeed config sets this variable for every rank."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
 def make_accelerator(cfg: Config) -> Accelerator:
     """CPU runs use Accelerator(cpu=True), which `accelerate launch --multi_gpu` needs to start
-    several gloo processes on a machine without GPUs (ENVIRONMENT.md)."""
-    use_cpu = not torch.cuda.is_available()
+    several gloo processes on a machine without GPUs (ENVIRONMENT.md) -- except under DeepSpeed,
+    whose plugin `cpu=True` would silently drop (DeepSpeed then runs on its CPU accelerator)."""
+    deepspeed = deepspeed_requested()
+    if deepspeed and cfg.objective.k_chunk:
+        raise ConfigError("objective.k_chunk is not supported under DeepSpeed (its engine steps "
+                          "inside every backward); set objective.k_chunk=0 or launch without "
+                          "DeepSpeed")
+    use_cpu = not torch.cuda.is_available() and not deepspeed
     log_with = None if cfg.logging.wandb == "disabled" else "wandb"
-    return Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with)
+    acc = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with)
+    if acc.state.deepspeed_plugin is not None:
+        ds = acc.state.deepspeed_plugin.deepspeed_config
+        # We do not `prepare` the (WebDataset) loader, so DeepSpeed cannot infer the batch size;
+        # and accelerate fills "auto" clipping with 1.0, while train.grad_clip=0 means none.
+        ds["train_micro_batch_size_per_gpu"] = cfg.data.batch_size
+        ds["gradient_clipping"] = cfg.train.grad_clip
+    return acc
 
 
 def release(accelerator: Accelerator) -> None:
@@ -89,24 +115,62 @@ def all_sum(values: list[float], accelerator: Accelerator) -> list[float]:
     return t.tolist()
 
 
-def wandb_mode(requested: str) -> str:
+def wandb_mode(requested: str, warn: bool = True) -> str:
     """online without credentials falls back to offline with one warning (no network here)."""
     if requested != "online":
         return requested
     has_key = os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file()
     if not has_key:
-        warnings.warn("logging.wandb=online but no W&B credentials: logging offline "
-                      "(upload later with `wandb sync`)", stacklevel=2)
+        if warn:
+            warnings.warn("logging.wandb=online but no W&B credentials: logging offline "
+                          "(upload later with `wandb sync`)", stacklevel=2)
         return "offline"
     return requested
 
 
-def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> None:
+class Tracker:
+    """The Accelerator's W&B tracker behind a guard: a tracker call that raises mid-run (server
+    gone, wandb process died) warns once and logging to W&B stops; training goes on, and
+    RUN_DIR/metrics.jsonl still gets every event."""
+
+    def __init__(self, accelerator: Accelerator, enabled: bool):
+        self.accelerator, self.enabled = accelerator, enabled
+
+    def log(self, values: dict, step: int) -> None:
+        self._guard(lambda: self.accelerator.log(values, step=step))
+
+    def log_images(self, paths, step: int) -> None:
+        def log():
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            # recon_003.png -> images/recon, prior_003_svhn.png -> images/prior_svhn
+            run.log({"images/" + re.sub(r"_\d{3}", "", Path(p).stem, count=1):
+                     wandb.Image(str(p)) for p in paths if str(p).endswith(".png")}, step=step)
+        self._guard(log)
+
+    def finish(self) -> None:
+        """Close the W&B run (guarded); `release` then ends the Accelerator without them."""
+        trackers, self.accelerator.trackers = self.accelerator.trackers, []
+        self._guard(lambda: [tracker.finish() for tracker in trackers])
+
+    def _guard(self, call) -> None:
+        if not (self.enabled and self.accelerator.is_main_process):
+            return
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any tracker failure must not stop training
+            self.enabled = False
+            warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); continuing "
+                          f"without it (metrics.jsonl has every event)", stacklevel=3)
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> Tracker:
     if cfg.logging.wandb == "disabled":
-        return
+        return Tracker(accelerator, enabled=False)
     from mmvae.config import to_dict
 
-    mode = wandb_mode(cfg.logging.wandb)
+    mode = wandb_mode(cfg.logging.wandb, warn=accelerator.is_main_process)
     kwargs = {"wandb": {"dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow",
                         "name": run_dir.name}}
     try:
@@ -117,3 +181,4 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id:
         warnings.warn(f"W&B init failed ({err}); logging offline", stacklevel=2)
         kwargs["wandb"]["mode"] = "offline"
         accelerator.init_trackers(cfg.logging.project, config=to_dict(cfg), init_kwargs=kwargs)
+    return Tracker(accelerator, enabled=True)

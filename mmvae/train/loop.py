@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,7 +26,7 @@ from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
-from mmvae.train.dist import (Layout, all_sum, any_rank, broadcast, make_accelerator,
+from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, broadcast, make_accelerator,
                               make_layout, release, start_trackers)
 from mmvae.train.optim import make_optimizer
 from mmvae.train.step import ObjectiveModule, batch_inputs, estimator_for, test_bound, train_step
@@ -31,7 +34,7 @@ from mmvae.train.step import ObjectiveModule, batch_inputs, estimator_for, test_
 SHARD_HINTS = {
     "mnist_svhn": "python launch/shard_mnist_svhn.py --mnist DIR --svhn DIR --out {shards}",
     "cubIS": "python launch/shard_cub.py --cub data/cub --out {shards}",
-    "cubISft": "python launch/shard_cub.py --cub data/cub --features resnet101 --out {shards}",
+    "cubISft": "python launch/shard_cub.py --cub data/cub --weights FILE --out {shards}",
 }
 
 
@@ -51,11 +54,14 @@ class Context:
     params: list
     looser: bool
     metrics: MetricsLog
+    tracker: Tracker
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
     bad_in_row: int = 0
     bad_total: int = 0
+    checkpoint_failures: int = 0
+    saved_at: tuple = ()  # (step, epoch, batch) of the last checkpoint written
     stop_requested: bool = False
     history: dict = field(default_factory=dict)
 
@@ -101,37 +107,86 @@ def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
     return read_manifest(shards)
 
 
+def _check_run_dir(run_dir: Path) -> Path:
+    """Fail at start, before anything is written, when the run folder cannot be created or
+    written; returns its nearest existing ancestor (the folder itself once it exists)."""
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    problem = ("is not a folder" if not existing.is_dir() else
+               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
+    if problem:
+        raise ConfigError(f"run folder {run_dir} cannot be written: {existing} {problem}; "
+                          f"set run.dir to a writable folder")
+    return existing
+
+
+def _check_space(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
+    """Fail at start when the disk cannot hold the checkpoints: each holds the parameters and
+    Adam's three amsgrad buffers; `keep_last` of them plus the one being written."""
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = 4 * size * (cfg.train.keep_last + 1) + size  # + the final model/
+    free = shutil.disk_usage(_check_run_dir(run_dir)).free
+    if free < need:
+        raise ConfigError(f"run folder {run_dir}: {free / 2**20:.1f} MiB free, checkpoints need "
+                          f"about {need / 2**20:.1f} MiB (train.keep_last={cfg.train.keep_last} "
+                          f"+ 1); free some space, lower train.keep_last or change run.dir")
+
+
+def _rewind_metrics(path: Path, meta: dict | None) -> None:
+    """The resumed run writes again the events after its checkpoint: drop those that the stopped
+    run wrote past it (all of them when a run starts afresh in an old folder)."""
+    keep = meta.get("metrics_bytes") if meta else 0
+    if keep is not None and path.is_file() and path.stat().st_size > keep:
+        os.truncate(path, keep)
+
+
+def _note_changes(meta: dict, cfg: Config, layout: Layout) -> None:
+    """Resuming with another config or process count is allowed but not exact: say so."""
+    old, new = meta.get("config", {}), to_dict(cfg)
+    changes = [f"{s}.{k}: {v!r} -> {new[s].get(k)!r}" for s, section in old.items()
+               for k, v in section.items() if s in new and new[s].get(k) != v and s != "run"]
+    if meta.get("world", layout.world) != layout.world:
+        changes.append(f"processes: {meta['world']} -> {layout.world}")
+    if changes and layout.is_main:
+        console.print(f"[yellow]resuming step {meta['step']} with changes: {'; '.join(changes)}[/]")
+
+
 def _model_kwargs(cfg: Config) -> dict:
+    """The model section, with the caption vocabulary size read from the shards when unset."""
     kwargs = dataclasses.asdict(cfg.model)
     kwargs.pop("name")
+    vocab = Path(cfg.data.shards) / "vocab.json"
+    if not kwargs["vocab_size"] and vocab.is_file():
+        kwargs["vocab_size"] = len(json.loads(vocab.read_text())["itos"])
     return kwargs
 
 
 def setup(cfg: Config, resume: str | None = None) -> Context:
+    """Everything `fit` needs; a failed start releases the Accelerator, so that a corrected
+    config can run in the same process."""
     check_model_name(cfg.model.name)
     resume_from = _find_resume(cfg, resume)
     accelerator = make_accelerator(cfg)
+    try:
+        return _setup(cfg, accelerator, resume_from)
+    except BaseException:
+        release(accelerator)
+        raise
+
+
+def _setup(cfg: Config, accelerator, resume_from: Path | None) -> Context:
     layout = make_layout(accelerator, cfg)
     run_dir = resume_from.parent.parent if resume_from else _new_run_dir(cfg)
     run_dir = Path(broadcast(str(run_dir), accelerator))
+    _check_run_dir(run_dir)
     _ensure_shards(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    _check_space(run_dir, model, cfg)
     optimizer = make_optimizer(model, cfg.train.lr)
     state, meta = None, None
     if resume_from is not None:
-        state, meta, rng = ckpt.load(resume_from, layout.rank)
-        if meta["model"] != model.spec:
-            diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
-                    if meta["model"].get(k) != v}
-            raise ConfigError(f"checkpoint {resume_from} is of another model: {diff} "
-                              f"(checkpoint, config); resume with the run's config.yaml")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if rng is not None:
-            ckpt.set_rng_state(rng)
-
+        state, meta = _restore(resume_from, model, optimizer, cfg, layout)
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
     wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
     if state is not None and state.get("scaler") and accelerator.scaler is not None:
@@ -139,17 +194,38 @@ def setup(cfg: Config, resume: str | None = None) -> Context:
     if layout.is_main:
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
+        _rewind_metrics(run_dir / "metrics.jsonl", meta)
     accelerator.wait_for_everyone()
     run_id = _run_id(run_dir, accelerator, layout)
-    start_trackers(accelerator, cfg, run_dir, run_id)
+    tracker = start_trackers(accelerator, cfg, run_dir, run_id)
     ctx = Context(cfg, accelerator, layout, run_dir, model, wrapped, optimizer,
                   [p for p in model.parameters() if p.requires_grad],
                   looser=cfg.objective.looser and model.multimodal,
-                  metrics=MetricsLog(run_dir / "metrics.jsonl" if layout.is_main else None))
+                  metrics=MetricsLog(run_dir / "metrics.jsonl" if layout.is_main else None),
+                  tracker=tracker)
     if meta is not None:
         ctx.step, ctx.epoch, ctx.batch_in_epoch = meta["step"], meta["epoch"], meta["batch"]
-        ctx.bad_total = meta.get("bad_total", 0)
+        ctx.bad_total, ctx.bad_in_row = meta.get("bad_total", 0), meta.get("bad_in_row", 0)
+        ctx.saved_at = (ctx.step, ctx.epoch, ctx.batch_in_epoch)
     return ctx
+
+
+def _restore(path: Path, model, optimizer, cfg: Config, layout: Layout) -> tuple[dict, dict]:
+    """Load a checkpoint into the model and optimiser (and this rank's RNG); (state, meta)."""
+    state, meta, rng = ckpt.load(path, layout.rank)
+    if meta["model"] != model.spec:
+        diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
+                if meta["model"].get(k) != v}
+        raise ConfigError(f"checkpoint {path} is of another model: {diff} "
+                          f"(checkpoint, config); resume with the run's config.yaml")
+    if layout.is_main:
+        console.print(f"resuming from {path} (step {meta['step']}, epoch {meta['epoch']})")
+    _note_changes(meta, cfg, layout)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if rng is not None:
+        ckpt.set_rng_state(rng)
+    return state, meta
 
 
 def _run_id(run_dir: Path, accelerator, layout: Layout) -> str:
@@ -163,20 +239,52 @@ def _run_id(run_dir: Path, accelerator, layout: Layout) -> str:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def save_checkpoint(ctx: Context) -> None:
-    """All ranks write their RNG state; the main process writes the rest and commits."""
+def save_checkpoint(ctx: Context) -> bool:
+    """All ranks write their RNG state; the main process writes the rest and commits.
+
+    A failed write (disk full, I/O error) is reported and dropped, and training goes on:
+    `latest` still names the previous checkpoint. Returns whether this one was written."""
+    position = (ctx.step, ctx.epoch, ctx.batch_in_epoch)
+    if position == ctx.saved_at:
+        return True  # e.g. a stop right after a periodic checkpoint: nothing new to save
     acc, root = ctx.accelerator, ctx.run_dir / "checkpoints"
-    ckpt.write_rank_files(root, ctx.step, ctx.layout.rank)
-    acc.wait_for_everyone()
+    error = _attempt(ckpt.write_rank_files, root, ctx.step, ctx.layout.rank)
+    if not any_rank(error is not None, acc) and ctx.layout.is_main:
+        error = _attempt(_write_and_commit, ctx, root)
+    if not any_rank(error is not None, acc):
+        ctx.saved_at = position
+        return True
+    ctx.checkpoint_failures += 1
     if ctx.layout.is_main:
-        state = {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-        meta = {"step": ctx.step, "epoch": ctx.epoch, "batch": ctx.batch_in_epoch,
-                "bad_total": ctx.bad_total, "world": ctx.layout.world, "model": ctx.model.spec,
-                "config": to_dict(ctx.cfg)}
-        ckpt.write_main_files(root, ctx.step, state, meta)
-        ckpt.commit(root, ctx.step, ctx.cfg.train.keep_last)
+        ckpt.discard(root, ctx.step)
+        kept = ckpt.latest(root)
+        console.print(f"[bold red]checkpoint at step {ctx.step} failed "
+                      f"({error or 'on another rank'}); kept {kept or 'no checkpoint'}[/]")
     acc.wait_for_everyone()
+    return False
+
+
+def _attempt(write, *args) -> str | None:
+    """Run one checkpoint write; its error (disk full: OSError, or RuntimeError from torch.save)
+    as text, or None."""
+    try:
+        write(*args)
+    except (OSError, RuntimeError) as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _write_and_commit(ctx: Context, root: Path) -> None:
+    acc, metrics = ctx.accelerator, ctx.metrics.path
+    state = {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
+             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
+    meta = {"step": ctx.step, "epoch": ctx.epoch, "batch": ctx.batch_in_epoch,
+            "samples_per_rank": ctx.batch_in_epoch * ctx.cfg.data.batch_size,
+            "bad_total": ctx.bad_total, "bad_in_row": ctx.bad_in_row, "world": ctx.layout.world,
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+            "model": ctx.model.spec, "config": to_dict(ctx.cfg)}
+    ckpt.write_main_files(root, ctx.step, state, meta)
+    ckpt.commit(root, ctx.step, ctx.cfg.train.keep_last)
 
 
 # --- epochs ------------------------------------------------------------------------------------
@@ -209,15 +317,14 @@ def train_epoch(ctx: Context, progress: TrainProgress) -> None:
         ctx.bad_total += int(stats["skipped"])
         B = batch[ctx.model.modalities[0]].shape[0] * ctx.layout.dp_size
         rate = progress.update(B, stats["loss"], stats["bound"])
-        if ctx.step % cfg.train.log_every == 0 or ctx.step == 1:
+        if ctx.step % cfg.train.log_every == 0 or ctx.step == 1 or stats["skipped"]:
             event = ctx.metrics.write(ctx.step, ctx.epoch, "train", samples_per_s=rate,
                                       bad_steps=ctx.bad_total,
                                       data_errors=getattr(loader, "errors", 0), **stats)
-            acc.log({f"train/{k}": v for k, v in event.items() if k != "split"}, step=ctx.step)
-        if ctx.bad_in_row >= cfg.train.max_bad_steps:
-            raise TrainingStopped(f"{ctx.bad_in_row} steps in a row had a non-finite loss or "
-                                  f"gradient (step {ctx.step}); the last good checkpoint is kept. "
-                                  f"Lower train.lr, or try train.mixed_precision=no")
+            ctx.tracker.log({f"train/{k}": v for k, v in event.items() if k != "split"},
+                            step=ctx.step)
+        if stats["skipped"]:
+            _bad_step(ctx)
         if cfg.train.checkpoint_every and ctx.step % cfg.train.checkpoint_every == 0:
             save_checkpoint(ctx)
         if any_rank(ctx.stop_requested, acc) or _done(ctx):
@@ -225,6 +332,20 @@ def train_epoch(ctx: Context, progress: TrainProgress) -> None:
             return
     ctx.epoch += 1
     ctx.batch_in_epoch = 0
+
+
+def _bad_step(ctx: Context) -> None:
+    """Report a skipped update; give up after train.max_bad_steps of them in a row."""
+    limit = ctx.cfg.train.max_bad_steps
+    if ctx.layout.is_main:
+        console.print(f"[yellow]step {ctx.step}: non-finite loss or gradient, update skipped "
+                      f"({ctx.bad_in_row} in a row of at most {limit}; {ctx.bad_total} in all)[/]")
+    if ctx.bad_in_row >= limit:
+        kept = ckpt.latest(ctx.run_dir / "checkpoints")
+        raise TrainingStopped(f"{ctx.bad_in_row} steps in a row had a non-finite loss or "
+                              f"gradient (step {ctx.step}); the last good checkpoint is kept "
+                              f"({kept or 'none written yet'}). Lower train.lr, set "
+                              f"train.grad_clip, or try train.mixed_precision=no")
 
 
 def test_epoch(ctx: Context) -> dict:
@@ -246,7 +367,7 @@ def test_epoch(ctx: Context) -> dict:
     bound = total / max(count, 1)
     event = ctx.metrics.write(ctx.step, ctx.epoch, "test", bound=bound, loss=-bound,
                               datapoints=int(count), K=cfg.objective.K)
-    acc.log({"test/bound": bound}, step=ctx.step)
+    ctx.tracker.log({"test/bound": bound}, step=ctx.step)
     ctx.wrapped.train()
     return event
 
@@ -254,35 +375,51 @@ def test_epoch(ctx: Context) -> dict:
 def _save_pictures(ctx: Context, xs) -> None:
     images = ctx.run_dir / "images"
     tag = f"{ctx.epoch:03d}"
-    paths = [pictures.save_reconstructions(ctx.model, xs, images / f"recon_{tag}.png")]
+    paths = list(pictures.save_reconstructions(ctx.model, xs, images / f"recon_{tag}.png"))
     gen = torch.Generator(device=xs[0].device).manual_seed(ctx.cfg.train.seed)
     paths += list(pictures.save_prior_samples(ctx.model, images / f"prior_{tag}.png",
                                               generator=gen) or [])
-    tracker = ctx.accelerator.get_tracker("wandb", unwrap=True) if ctx.cfg.logging.wandb != "disabled" else None
-    if tracker is not None and hasattr(tracker, "log"):
-        import wandb
-
-        tracker.log({Path(p).stem.rsplit("_", 1)[0]: wandb.Image(str(p)) for p in paths
-                     if str(p).endswith(".png")}, step=ctx.step)
+    ctx.tracker.log_images(paths, step=ctx.step)
 
 
 # --- entry -------------------------------------------------------------------------------------
 
-def _install_stop_handlers(ctx: Context) -> None:
-    """SIGUSR1 (SLURM's warning before preemption) and SIGTERM: finish the step, checkpoint, stop."""
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+@contextmanager
+def _stop_on_signals(ctx: Context):
+    """SIGUSR1 (SLURM's warning before the time limit or a preemption) and SIGTERM: finish the
+    step, checkpoint, stop. launch/train.py holds SIGUSR1 blocked from start-up, so one that came
+    during imports or setup is delivered here, when it can be acted on."""
     def request_stop(signum, frame):
         ctx.stop_requested = True
         console.print(f"[yellow]signal {signum}: checkpointing after this step[/]")
 
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, request_stop)
+    previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a late signal stays pending, harmless
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def fit(cfg: Config, resume: str | None = None) -> tuple[Path, str]:
     """Train as configured; returns (run folder, "done" | "stopped")."""
     ctx = setup(cfg, resume)
-    _install_stop_handlers(ctx)
-    acc, layout = ctx.accelerator, ctx.layout
+    try:
+        with _stop_on_signals(ctx):
+            status = _train(ctx)
+    finally:
+        ctx.tracker.finish()
+        release(ctx.accelerator)
+    return ctx.run_dir, status
+
+
+def _train(ctx: Context) -> str:
+    cfg, layout = ctx.cfg, ctx.layout
     steps_per_epoch = len(_loader(ctx, "train", train=True))
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
@@ -303,8 +440,7 @@ def fit(cfg: Config, resume: str | None = None) -> tuple[Path, str]:
     status = "stopped" if ctx.stop_requested and not _done(ctx) else "done"
     if status == "done":
         _finish(ctx, time.perf_counter() - t0, ctx.step - step0)
-    release(acc)
-    return ctx.run_dir, status
+    return status
 
 
 def _finish(ctx: Context, seconds: float, steps: int) -> None:
@@ -314,6 +450,7 @@ def _finish(ctx: Context, seconds: float, steps: int) -> None:
         save_model(ctx.model, ctx.run_dir / "model")
         samples = steps * ctx.cfg.data.batch_size * ctx.layout.dp_size
         summary = {"step": ctx.step, "epoch": ctx.epoch, "bad_steps": ctx.bad_total,
+                   "checkpoint_failures": ctx.checkpoint_failures,
                    "train_seconds": round(seconds, 2),
                    "samples_per_s": round(samples / max(seconds, 1e-9), 2),
                    "test": ctx.history.get("test")}

@@ -1,0 +1,135 @@
+"""launch/evaluate.py under `accelerate launch` with 2 CPU processes gives the numbers of 1."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmvae
+from mmvae.config import load_config, save_config
+from mmvae.eval.distributed import Ranks, batch_seed
+from mmvae.eval.run import evaluate_run
+
+ROOT = Path(__file__).resolve().parents[2]
+EVALUATE = ROOT / "launch" / "evaluate.py"
+
+
+def clean_env():
+    """No rank variables leak from the test process; W&B off; one thread as torchrun sets."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def evaluate_two_processes(run_dir, metrics, overrides) -> tuple[dict, str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "0", str(EVALUATE), "--run", str(run_dir), "--metrics",
+           ",".join(metrics), *overrides]
+    proc = subprocess.run(cmd, env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return json.loads((Path(run_dir) / "eval.json").read_text()), proc.stdout
+
+
+def make_run(run_dir, model, overrides):
+    run_dir.mkdir(parents=True)
+    save_config(load_config(None, overrides + ["logging.progress=false"]), run_dir / "config.yaml")
+    mmvae.save_model(model, run_dir / "model")
+    return run_dir
+
+
+def one_process(run_dir, metrics, overrides) -> dict:
+    """The reference, in this process (one torch thread, as each torchrun process has)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_run(run_dir, metrics, overrides)
+    finally:
+        torch.set_num_threads(before)
+
+
+TOY = ["eval.iwae_K=100", "eval.toy_datapoints=300", "eval.likelihood_batch=32",
+       "eval.embedding=pca", "eval.plot_batch=50"]
+
+
+def test_toy_likelihood_two_processes_equal_one(tmp_path, gaussian_pair):
+    run = make_run(tmp_path / "toy", gaussian_pair,
+                   ["model.name=gaussian_pair", "model.latent_dim=2", "model.data_dim=3",
+                    "train.seed=7"])
+    two, stdout = evaluate_two_processes(run, ["likelihood", "pictures"], TOY)
+    assert stdout.count("report:") == 1  # only the main process prints (and writes)
+    assert two["metrics"]["pictures"]["files"]  # main-only metrics ran on the main process
+    one = one_process(run, ["likelihood"], TOY)
+    assert two["metrics"]["likelihood"] == one["metrics"]["likelihood"]  # bit for bit
+    assert one["metrics"]["likelihood"]["num_datapoints"] == 300  # 10 batches, 5 per rank
+
+
+DIGITS = ["eval.iwae_K=8", "eval.k_chunk=4", "eval.likelihood_batch=16", "eval.max_datapoints=100",
+          "eval.batch_size=32", "eval.classifier_epochs=1", "eval.coherence_samples=2500",
+          "eval.embedding=pca", "eval.plot_batch=32"]
+
+
+def test_digits_two_processes_equal_one(tmp_path):
+    """Likelihood from the shard stream (100 of 160 test pairs, 7 batches: the ranks get 4 and
+    3), cross coherence on the 80 unique pairs (3 batches), joint coherence (3 chunks of prior
+    samples); the classifiers are trained by the main process while the other waits, then
+    loaded by both."""
+    from mmvae.data import build_digits
+
+    shards = tmp_path / "digits"
+    build_digits(shards, pairs_per_instance=2, train_shards=2, test_shards=2,
+                 sources_per_class=40, progress=False)
+    torch.manual_seed(0)
+    run = make_run(tmp_path / "run", mmvae.build_model("mnist_svhn", latent_dim=4),
+                   ["model.name=mnist_svhn", "model.latent_dim=4", f"data.shards={shards}"])
+    metrics = ["likelihood", "coherence", "latent", "pictures"]
+    two, _ = evaluate_two_processes(run, metrics, DIGITS)
+    assert (shards / "classifiers" / "mnist.pt").is_file()
+    one = one_process(run, ["likelihood", "coherence"], DIGITS)
+    for name in ("likelihood", "coherence"):
+        assert two["metrics"][name] == one["metrics"][name], name
+    assert two["metrics"]["likelihood"]["num_datapoints"] == 100
+    assert two["metrics"]["coherence"]["num_pairs"] == 80
+    assert two["metrics"]["coherence"]["joint_samples"] == 2500
+    assert set(two["metrics"]) == set(metrics)
+
+
+def test_ranks_split_batches_round_robin():
+    ranks = [Ranks(r, 3) for r in range(3)]
+    owned = [[i for i, _ in r.mine("abcdefg")] for r in ranks]
+    assert owned == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(owned, [])) == list(range(7))
+    assert Ranks().gather_by_index({2: "c", 0: "a", 1: "b"}) == ["a", "b", "c"]
+    assert len({batch_seed(0, i, s) for i in range(100) for s in range(3)}) == 300
+    with pytest.raises(ValueError):
+        Ranks(2, 2)
+
+
+def test_cubISft_cca_and_likelihood_two_processes_equal_one(tmp_path):
+    """The real cubISft on tiny caption shards (2048-d features, 32-token captions): the main
+    process fits the CCA space (default FastText) while the other waits; the CCA coherence and
+    the likelihood then equal one process's. (600 train pairs of 2048-d features overfit the
+    CCA, so the scores themselves are ~0: this test is about parity.)"""
+    from test_cca import ITOS, synthetic_pairs, synthetic_vocab, write_caption_shards
+
+    train, test = synthetic_pairs(600, 1, dim=2048, length=32), synthetic_pairs(90, 2, dim=2048, length=32)
+    shards = tmp_path / "shards"
+    write_caption_shards(shards, train, test, synthetic_vocab(train[1]))
+    torch.manual_seed(0)
+    model = mmvae.build_model("cubISft", latent_dim=4, vocab_size=len(ITOS))
+    run = make_run(tmp_path / "run", model, ["model.name=cubISft", "model.latent_dim=4",
+                                             f"model.vocab_size={len(ITOS)}", f"data.shards={shards}"])
+    overrides = ["eval.iwae_K=6", "eval.k_chunk=3", "eval.likelihood_batch=16", "eval.batch_size=32"]
+    two, _ = evaluate_two_processes(run, ["likelihood", "cca"], overrides)
+    assert not two["metrics"]["cca"]["artifacts"]["loaded"]  # fitted by the main process
+    one = one_process(run, ["likelihood", "cca"], overrides)
+    assert one["metrics"]["cca"]["artifacts"]["loaded"]
+    for name in ("likelihood", "cca"):
+        assert {k: v for k, v in two["metrics"][name].items() if k != "artifacts"} == \
+            {k: v for k, v in one["metrics"][name].items() if k != "artifacts"}, name
+    assert two["metrics"]["cca"]["num_pairs"] == 90 and two["metrics"]["likelihood"]["num_datapoints"] == 90

@@ -1,0 +1,391 @@
+"""Exact resume and the trainer's guards: SIGKILL + `--resume auto` equals an uninterrupted run
+(bit-exact on one process, within float tolerance on two); checkpoints survive failed writes;
+non-finite steps are skipped and stop the run; bad run folders, mismatched checkpoints and W&B
+trouble give clear messages instead of lost work."""
+import errno
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from mmvae.config import load_config
+from mmvae.data.recipes.digits import build_digits
+from mmvae.train import checkpoint as ckpt
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """30 training pairs in 4 shards: 7 steps per epoch on one process (batch 4), 3 on two."""
+    out = tmp_path_factory.mktemp("digits")
+    build_digits(out, pairs_per_instance=1, sources_per_class=4, train_shards=4, test_shards=2,
+                 progress=False)
+    return out
+
+
+def overrides(shards, run_dir, *extra):
+    return [f"data.shards={shards}", "data.builtin=", f"run.dir={run_dir}",
+            "logging.wandb=disabled", "logging.progress=false", "data.batch_size=4",
+            "model.latent_dim=4", "objective.K=2", "train.test_batches=1", "train.log_every=1",
+            "train.checkpoint_every=1", *extra]
+
+
+def train_main(argv: list[str]) -> int:
+    """launch/train.py's main, in this process."""
+    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "launch" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def clean_env():
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="300")
+    return env
+
+
+def train_cmd(nproc: int, *args) -> list[str]:
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+                     str(nproc), "--num_machines", "1", "--mixed_precision", "no",
+                     "--dynamo_backend", "no", "--main_process_port", "0"]
+    return [*launcher, str(ROOT / "launch" / "train.py"), "--config", str(DEMO), *args]
+
+
+def run_training(nproc: int, *args) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def latest_step(run_dir: Path) -> int:
+    pointer = run_dir / "checkpoints" / "latest"
+    return int(pointer.read_text()) if pointer.is_file() else -1
+
+
+def last_event_step(run_dir: Path) -> int:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if run_dir.exists() else []
+    try:
+        return json.loads(lines[-1])["step"] if lines else -1
+    except json.JSONDecodeError:  # a line being written
+        return -1
+
+
+def kill_after_checkpoint(nproc: int, run_dir: Path, step: int, *args) -> int:
+    """Start a run; SIGKILL its whole process tree (launcher and ranks, as a node failure would)
+    once `latest` names a checkpoint at `step` or later and metrics.jsonl already holds a step
+    past it (which the resumed run must not repeat). Returns the checkpoint's step."""
+    proc = subprocess.Popen(train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while not step <= latest_step(run_dir) < last_event_step(run_dir):
+            assert proc.poll() is None, f"ended before step {step}: {proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.01)
+        tree = psutil.Process(proc.pid).children(recursive=True) + [psutil.Process(proc.pid)]
+        for p in tree:
+            p.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert not (run_dir / "summary.json").exists(), "the run finished before it was killed"
+    return latest_step(run_dir)
+
+
+def events(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock rate."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"} for line in lines]
+
+
+def weights(run_dir: Path) -> dict:
+    return torch.load(run_dir / "model" / "weights.pt", weights_only=True)
+
+
+# --- SIGKILL and resume ------------------------------------------------------------------------
+
+# checkpoints at 3, 6, 7 (end of epoch 0: a test event) and 9; killed during step 4 or 5
+STEPS_1 = ["train.max_steps=9", "train.checkpoint_every=3"]
+
+
+@pytest.fixture(scope="module")
+def reference(shards, tmp_path_factory):
+    """An uninterrupted one-process run."""
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    run_training(1, *overrides(shards, run_dir, *STEPS_1))
+    return run_dir
+
+
+def test_killed_and_resumed_run_is_bit_exact_on_one_process(shards, reference, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(shards, run_dir, *STEPS_1)
+    resumed_at = kill_after_checkpoint(1, run_dir, 3, *args)
+    assert 3 <= resumed_at < 9
+    proc = run_training(1, "--resume", "auto", *args)
+    assert f"resuming from {run_dir / 'checkpoints'}" in proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"done: {run_dir}"
+    # every event once, in order, with the same values: the killed run's events past its
+    # checkpoint were dropped and written again by the resumed run
+    assert events(run_dir) == events(reference)
+    want = weights(reference)
+    got = weights(run_dir)
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_killed_and_resumed_run_matches_on_two_processes(shards, tmp_path):
+    steps = ["train.max_steps=5", "train.checkpoint_every=2"]  # 3 steps per epoch on two ranks
+    reference = tmp_path / "ref"
+    run_training(2, *overrides(shards, reference, *steps))
+    run_dir = tmp_path / "run"
+    args = overrides(shards, run_dir, *steps)
+    resumed_at = kill_after_checkpoint(2, run_dir, 2, *args)
+    assert 2 <= resumed_at < 5
+    run_training(2, "--resume", "auto", *args)
+    got, want = events(run_dir), events(reference)
+    assert [(e["step"], e["split"]) for e in got] == [(e["step"], e["split"]) for e in want]
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key, value in w.items():
+            assert g[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float)
+                              else value), (key, g, w)
+    want_w, got_w = weights(reference), weights(run_dir)
+    for name, value in want_w.items():
+        torch.testing.assert_close(got_w[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoint_of_another_model_names_the_mismatch(shards, reference, tmp_path, capsys):
+    code = train_main(["--config", str(DEMO), "--resume", str(reference),
+                 *overrides(shards, tmp_path / "other", "model.latent_dim=6")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("error: checkpoint") and "latent_dim': (4, 6)" in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_usr1_during_start_up_is_held_until_the_trainer_can_checkpoint(shards, tmp_path):
+    """SLURM's warning can come while torch is still importing: the process must neither die of
+    it (SIGUSR1's default action) nor lose it. As under launch/slurm/ the process starts with
+    SIGUSR1 ignored; launch/train.py blocks it at once, and the loop takes it when it is ready."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(1, *overrides(shards, run_dir, "train.max_steps=9")),
+                            cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN))
+    try:
+        status = Path(f"/proc/{proc.pid}/status")
+        deadline = time.monotonic() + 30
+        while not int(next(line for line in status.read_text().splitlines()
+                           if line.startswith("SigBlk:")).split()[1], 16) & (1 << 9):
+            assert time.monotonic() < deadline, "SIGUSR1 never blocked"
+            time.sleep(0.005)
+        assert not run_dir.exists()  # still importing: nothing set up yet
+        proc.send_signal(signal.SIGUSR1)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert out.strip().splitlines()[-1] == f"stopped: {run_dir}"
+    assert "checkpointing after this step" in err
+    # it stopped before the first step: nothing trained, nothing to checkpoint, not finished
+    assert latest_step(run_dir) == -1 and not (run_dir / "summary.json").exists()
+
+
+# --- checkpoint writes -------------------------------------------------------------------------
+
+def _fake_checkpoint(root: Path, step: int, value: float):
+    path = ckpt.tmp_dir(root, step)
+    ckpt.write_main_files(root, step, {"x": torch.tensor([value])}, {"step": step})
+    return path
+
+
+def test_a_crash_between_the_renames_of_a_resave_keeps_latest_valid(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    _fake_checkpoint(root, 7, 1.0)
+    ckpt.commit(root, 7, keep_last=2)
+    _fake_checkpoint(root, 7, 2.0)  # the same step again (end of epoch after a periodic save)
+    real_replace = os.replace
+
+    def crash_on_the_second_rename(src, dst):
+        if str(src).endswith(".tmp-000000007"):
+            raise OSError(errno.EIO, "simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_the_second_rename)
+    with pytest.raises(OSError):
+        ckpt.commit(root, 7, keep_last=2)
+    monkeypatch.undo()
+    found = ckpt.latest(root)
+    assert found is not None and found.name == ".old-000000007"
+    assert ckpt.load(found, 0)[0]["x"].item() == 1.0
+    _fake_checkpoint(root, 8, 3.0)
+    ckpt.commit(root, 8, keep_last=2)  # the next commit cleans up
+    assert sorted(p.name for p in root.iterdir()) == ["000000008", "latest"]
+
+
+def _fit(cfg_overrides, shards, run_dir):
+    from mmvae.train.loop import fit
+
+    return fit(load_config(DEMO, overrides(shards, run_dir, *cfg_overrides)))
+
+
+def test_failed_checkpoint_writes_keep_the_previous_one(shards, tmp_path, monkeypatch, capsys):
+    """Disk full from step 3 on, half-way through a write: `latest` stays at step 2, loadable,
+    no temporary folder is left, the failures are counted, and training goes on."""
+    real_write = ckpt.write_main_files
+
+    def disk_full_from_step_3(root, step, state, meta):
+        if step < 3:
+            return real_write(root, step, state, meta)
+        torch.save(state, ckpt.tmp_dir(root, step) / "state.pt")  # half written
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "write_main_files", disk_full_from_step_3)
+    run_dir, status = _fit(["train.max_steps=4"], shards, tmp_path / "run")
+    assert status == "done"
+    root = run_dir / "checkpoints"
+    assert ckpt.latest(root) == root / "000000002"
+    state, meta, _ = ckpt.load(root / "000000002", 0)
+    assert meta["step"] == 2 and set(state) >= {"model", "optimizer"}
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # steps 3 and 4, and the end-of-run save, which tries step 4 again
+    assert summary["step"] == 4 and summary["checkpoint_failures"] == 3
+    err = capsys.readouterr().err
+    assert "checkpoint at step 3 failed" in err and "No space left on device" in err
+
+
+# --- non-finite steps --------------------------------------------------------------------------
+
+def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(
+        shards, tmp_path, monkeypatch, capsys):
+    """NaN inputs at step 2 (alone) and from step 4 on: an isolated bad step is skipped and
+    training goes on; max_bad_steps=3 in a row stop the run, and the last checkpoint holds the
+    finite parameters of the last good update."""
+    from mmvae.train import loop
+
+    real_step = loop.train_step
+
+    def nan_batches(ctx, batch):
+        if ctx.step + 1 == 2 or ctx.step + 1 >= 4:
+            batch = {**batch, "mnist": torch.full_like(batch["mnist"], float("nan"))}
+        return real_step(ctx, batch)
+
+    monkeypatch.setattr(loop, "train_step", nan_batches)
+    with pytest.raises(loop.TrainingStopped, match="3 steps in a row") as stopped:
+        _fit(["train.max_steps=20", "train.max_bad_steps=3", "train.keep_last=10"], shards,
+             tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    assert "000000005" in str(stopped.value)  # names the checkpoint it kept
+    by_step = {e["step"]: e for e in events(tmp_path / "run") if e["split"] == "train"}
+    assert [by_step[s]["skipped"] for s in range(1, 7)] == [False, True, False, True, True, True]
+    assert [by_step[s]["bad_steps"] for s in range(1, 7)] == [0, 1, 1, 2, 3, 4]
+    assert ckpt.latest(root) == root / "000000005"  # no checkpoint of the stopping step
+    good = ckpt.load(root / "000000003", 0)[0]["model"]
+    for step in (4, 5):  # skipped updates leave the parameters as they were
+        kept = ckpt.load(root / f"{step:09d}", 0)[0]["model"]
+        for name, value in good.items():
+            assert torch.equal(kept[name], value) and torch.isfinite(value).all(), name
+    assert "update skipped (3 in a row of at most 3" in capsys.readouterr().err
+
+
+def test_training_stopped_exits_1_with_the_reason(shards, tmp_path, monkeypatch, capsys):
+    from mmvae.train import loop
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda ctx, batch: real_step(
+        ctx, {**batch, "svhn": torch.full_like(batch["svhn"], float("inf"))}))
+    code = train_main(["--config", str(DEMO),
+                 *overrides(shards, tmp_path / "run", "train.max_bad_steps=2")])
+    assert code == 1
+    assert "stopped: 2 steps in a row had a non-finite loss" in capsys.readouterr().err
+
+
+# --- run folder --------------------------------------------------------------------------------
+
+def test_unwritable_run_folder_is_a_one_line_error_at_start(shards, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code = train_main(["--config", str(DEMO), *overrides(shards, blocker / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert err == (f"error: run folder {blocker / 'run'} cannot be written: {blocker} is not a "
+                   f"folder; set run.dir to a writable folder")
+
+
+def test_too_little_disk_space_is_a_one_line_error_at_start(shards, tmp_path, monkeypatch,
+                                                            capsys):
+    import shutil
+
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage",
+                        lambda path: real_usage(path)._replace(free=1 << 20))  # 1 MiB free
+    code = train_main(["--config", str(DEMO), *overrides(shards, tmp_path / "run")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0
+    assert "1.0 MiB free, checkpoints need about" in err and "train.keep_last=2" in err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+# --- W&B ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def no_wandb_credentials(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc, no wandb settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "home"))
+
+
+def test_wandb_online_without_credentials_logs_offline_with_one_warning(
+        shards, tmp_path, no_wandb_credentials):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_dir, status = _fit(["train.max_steps=2", "logging.wandb=online"], shards,
+                               tmp_path / "run")
+    ours = [w for w in caught if "W&B" in str(w.message)]
+    assert status == "done"
+    assert [str(w.message) for w in ours] == [
+        "logging.wandb=online but no W&B credentials: logging offline (upload later with "
+        "`wandb sync`)"]
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+
+
+def test_training_goes_on_when_wandb_logging_raises(shards, tmp_path, no_wandb_credentials,
+                                                    monkeypatch):
+    from accelerate.tracking import WandBTracker
+
+    calls = []
+
+    def broken_log(self, values, step=None, **kwargs):
+        calls.append(step)
+        raise ConnectionError("wandb service gone")
+
+    monkeypatch.setattr(WandBTracker, "log", broken_log)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_dir, status = _fit(["train.max_steps=3", "logging.wandb=offline"], shards,
+                               tmp_path / "run")
+    assert status == "done" and calls == [1]  # one failure, then W&B logging is off
+    ours = [str(w.message) for w in caught if "W&B logging failed" in str(w.message)]
+    assert ours == ["W&B logging failed (ConnectionError: wandb service gone); continuing "
+                    "without it (metrics.jsonl has every event)"]
+    assert [e["step"] for e in events(run_dir) if e["split"] == "train"] == [1, 2, 3]
