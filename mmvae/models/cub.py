@@ -1,12 +1,12 @@
 """CUB models (REFERENCE.md §2): images, ResNet features and captions, alone and paired.
 
-| name              | paper   | prior                 | posterior        | likelihood           |
-|-------------------|---------|-----------------------|------------------|----------------------|
-| cub_image         | cubI    | Laplace, softplus+eta | Laplace, softplus+eta | Laplace(loc, 0.01) |
-| cub_image_ft      | cubIft  | Normal, softplus+eta  | Normal, softplus+eta  | Laplace(loc, 0.01) |
-| cub_sentence      | cubS    | Normal, softplus+eta  | Normal, softplus+eta  | categorical (captions) |
-| cubIS             | cubIS   | Laplace, D*softmax+eta | image Laplace, caption Normal | lambda_img = 32/12288 |
-| cubISft           | cubISft | Normal, softplus+eta  | both Normal      | lambda_ft = 32/2048  |
+| name         | paper   | prior                   | posterior                     | likelihood / lambda    |
+|--------------|---------|-------------------------|-------------------------------|------------------------|
+| cub_image    | cubI    | Laplace, softplus+eta   | Laplace, softplus+eta         | Laplace(loc, 0.01)     |
+| cub_image_ft | cubIft  | Normal, softplus+eta    | Normal, softplus+eta          | Laplace(loc, 0.01)     |
+| cub_sentence | cubS    | Normal, softplus+eta    | Normal, softplus+eta          | categorical (captions) |
+| cubIS        | cubIS   | Laplace, D*softmax+eta  | image Laplace, caption Normal | lambda_img = 32/12288  |
+| cubISft      | cubISft | Normal, softplus+eta    | both Normal                   | lambda_ft = 32/2048    |
 
 cubISft's caption net is the wider cubSft (`cub_sentence_ft` width); there is no standalone
 cubSft model, as in the paper. Modality names (the shard keys): image, feature, caption.
