@@ -134,8 +134,7 @@ def picture_resources(shards_dir, model, build_index: bool = True) -> dict:
     out = {}
     if any(isinstance(e.likelihood, CaptionLikelihood) for e in model.experts):
         out["vocab"] = load_vocab(shards_dir)
-    if any(len(e.data_shape) == 1 and not isinstance(e.likelihood, CaptionLikelihood)
-           for e in model.experts):
+    if "feature" in model.modalities:  # not the 1-D linear-Gaussian references
         out["feature_index"] = open_or_build_index(shards_dir, build=build_index)
     return out
 

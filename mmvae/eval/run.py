@@ -34,7 +34,7 @@ from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence
 from mmvae.eval.distributed import SINGLE, Ranks
 from mmvae.eval.latent import latent_accuracy
 from mmvae.eval.likelihoods import calculate_likelihoods
-from mmvae.eval.pictures import save_prior_samples, save_reconstructions
+from mmvae.eval.pictures import picture_resources, save_prior_samples, save_reconstructions
 from mmvae.eval.plots import embedding_plot, kl_plot
 from mmvae.eval.report import write_report
 from mmvae.registry import load_model
@@ -220,8 +220,9 @@ def metric_pictures(ctx: EvalContext) -> dict:
     xs, labels = next(iter(ctx.labelled_batches("test", ctx.options.plot_batch)))
     xs, out = [x.to(ctx.device) for x in xs], ctx.out_dir
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
-    files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png"))
-    files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen)
+    extras = {} if ctx.is_toy else picture_resources(ctx.shards_dir, ctx.model)
+    files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png", **extras))
+    files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen, **extras)
     emb = embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels, seed=ctx.seed,
                          method=ctx.options.embedding)
     kls = kl_plot(ctx.model, xs, out / "kl_per_dimension.png")

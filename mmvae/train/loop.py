@@ -375,10 +375,12 @@ def test_epoch(ctx: Context) -> dict:
 def _save_pictures(ctx: Context, xs) -> None:
     images = ctx.run_dir / "images"
     tag = f"{ctx.epoch:03d}"
-    paths = list(pictures.save_reconstructions(ctx.model, xs, images / f"recon_{tag}.png"))
+    extras = pictures.picture_resources(ctx.cfg.data.shards, ctx.model)  # vocab, feature index
+    paths = list(pictures.save_reconstructions(ctx.model, xs, images / f"recon_{tag}.png",
+                                               **extras))
     gen = torch.Generator(device=xs[0].device).manual_seed(ctx.cfg.train.seed)
     paths += list(pictures.save_prior_samples(ctx.model, images / f"prior_{tag}.png",
-                                              generator=gen) or [])
+                                              generator=gen, **extras) or [])
     ctx.tracker.log_images(paths, step=ctx.step)
 
 
