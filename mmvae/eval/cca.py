@@ -37,7 +37,6 @@ a few (2048 x 2048) matrices however many pairs there are.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -49,6 +48,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 
+from mmvae.data.writer import sha256_file
 from mmvae.eval import eval_mode, text
 from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
 
@@ -260,17 +260,13 @@ def vocabulary_vectors(model, itos):
     return kv
 
 
-def file_sha256(path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_or_fit(folder, vocab_path, train_pairs: Callable[[], Iterable[tuple]], *,
                 k: int = CCA_K, reset: bool = False, fasttext: dict | None = None,
                 log: Callable[[str], None] = lambda msg: None) -> tuple[CaptionCCA, dict]:
     """The artifacts in `folder` if they exist and match (k, vocab.json), else fit and save
     them. `reset` refits. Returns (CaptionCCA, info). Raises ValueError when existing artifacts
     were fitted with another k or vocabulary (pass reset, or another folder)."""
-    folder, vocab_sha = Path(folder), file_sha256(vocab_path)
+    folder, vocab_sha = Path(folder), sha256_file(vocab_path)
     if not reset and (folder / "cca.npz").is_file() and (folder / "info.json").is_file():
         info = json.loads((folder / "info.json").read_text())
         if info.get("k") != k or info.get("vocab_sha256") != vocab_sha:

@@ -1,7 +1,6 @@
 """Helpers shared by the dataset recipes: input errors, shard sizing, reproducible side files."""
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import zipfile
@@ -22,14 +21,6 @@ def shard_limits(num_samples: int, shard_size_mb: float, min_shards: int) -> dic
     if shard_size_mb <= 0 or min_shards < 1:
         raise ValueError(f"shard_size_mb must be > 0 and min_shards >= 1 (got {shard_size_mb}, {min_shards})")
     return {"max_bytes": int(shard_size_mb * 2**20), "max_count": max(1, -(-num_samples // min_shards))}
-
-
-def file_sha256(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_npz(path, *, compress: bool = True, **arrays: np.ndarray) -> None:

@@ -28,9 +28,9 @@ import numpy as np
 from PIL import Image
 
 from mmvae.data.recipes import captions as cap
-from mmvae.data.recipes.common import InputError, file_sha256, library_versions, save_npz
+from mmvae.data.recipes.common import InputError, library_versions, save_npz
 from mmvae.data.recipes.features import FEATURE_DIM, WEIGHTS_HELP, resized_size
-from mmvae.data.writer import MANIFEST, _progress, write_manifest
+from mmvae.data.writer import sha256_file, MANIFEST, _progress, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ def build_cub(cub_dir, out_dir, *, features: str | None = None, weights=None, ra
     feature_params = None if extractor is None else {
         "arch": "torchvision resnet101, fc removed (2048-d avgpool)", "name": features,
         "weights": "random (tests only)" if random_weights else Path(weights).name,
-        "weights_sha256": None if random_weights else file_sha256(weights),
+        "weights_sha256": None if random_weights else sha256_file(weights),
         "preprocessing": "Resize(224) shorter side, ToTensor" + (", ImageNet mean/std" if imagenet_norm else
                                                                ", no normalisation (paper)"),
         "device": str(extractor.device)}
@@ -251,7 +251,7 @@ def build_cub(cub_dir, out_dir, *, features: str | None = None, weights=None, ra
         "tokenizer": cap.TOKENIZER, "min_count": min_count, "max_len": max_len, "vocab_size": len(vocab["itos"]),
         "features": feature_params, "shard_size_mb": shard_size_mb, "min_shards": min_shards, "sizes": sizes,
         "classes": {split: d["classes"] for split, d in data.items()},
-        "sources": {split: {"captions_sha256": file_sha256(d["captions_file"]),
+        "sources": {split: {"captions_sha256": sha256_file(d["captions_file"]),
                             "images_digest": _images_digest(Path(cub_dir) / split, d["paths"])}
                     for split, d in data.items()},
         "versions": library_versions("numpy", "pillow", "nltk", "torch", "torchvision"),

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmvae.data.recipes.common import InputError, file_sha256, library_versions, save_npz, shard_limits
+from mmvae.data.recipes.common import InputError, library_versions, save_npz, shard_limits
 from mmvae.data.recipes.digits import encode_png
 from mmvae.data.recipes.pairing import pair_by_class
-from mmvae.data.writer import MANIFEST, write_manifest, write_shards
+from mmvae.data.writer import sha256_file, MANIFEST, write_manifest, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def build_mnist_svhn(mnist_dir, svhn_dir, out_dir, *, seed: int = 0, pairs_per_i
         "sizes": sizes,
         "modalities": {"mnist": {"key": "mnist.png", "shape": [1, 28, 28]},
                        "svhn": {"key": "svhn.png", "shape": [3, 32, 32]}},
-        "sources": {name: file_sha256(path) for name, path in sources.items()},
+        "sources": {name: sha256_file(path) for name, path in sources.items()},
         "versions": library_versions("numpy", "pillow", "scipy"),
     }
     return write_manifest(out_dir, "mnist_svhn", params, splits,
