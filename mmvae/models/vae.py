@@ -26,10 +26,6 @@ class LocScaleLikelihood:
     family: str
     scale: float
 
-    def log_prob(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        fam = get_family(self.family)
-        return fam.log_prob(x, out, torch.tensor(self.scale, device=out.device))
-
     def log_prob_sum(self, x: torch.Tensor, out: torch.Tensor, ndims: int) -> torch.Tensor:
         """log p(x|z) summed over the last `ndims` dims, fp32. With a fixed scalar scale the
         distance is summed first and scaled once: a third of the memory passes of the
