@@ -39,7 +39,7 @@ def overrides(shards, run_dir, *extra):
     return [f"data.shards={shards}", "data.builtin=", f"run.dir={run_dir}",
             "logging.wandb=disabled", "logging.progress=false", "data.batch_size=4",
             "model.latent_dim=4", "objective.K=2", "train.test_batches=1", "train.log_every=1",
-            "train.checkpoint_every=1", *extra]
+            "train.checkpoint_every=1", "train.epochs=20", *extra]
 
 
 def train_main(argv: list[str]) -> int:

@@ -51,7 +51,7 @@ def train_args(shards, run_dir, *extra):
     return ["--config", "configs/demo.yaml", f"data.shards={shards}", "data.builtin=",
             f"run.dir={run_dir}", "logging.wandb=disabled", "logging.progress=false",
             "data.batch_size=4", "model.latent_dim=4", "objective.K=2", "train.test_batches=1",
-            "train.log_every=1", "train.max_steps=12", *extra]
+            "train.log_every=1", "train.epochs=20", "train.max_steps=12", *extra]
 
 
 def job_env(**extra):
