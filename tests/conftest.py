@@ -32,3 +32,15 @@ def gaussian_pair():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs a SLURM cluster (tests/test_slurm.py brings "
                                        "one up on loopback with scripts/slurm_local.sh)")
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    """Tiny built-in digits shards (30 training pairs in 4 shards): 7 steps per epoch on one
+    process at batch 4, 3 on two ranks. Used by the resume and SLURM tests."""
+    from mmvae.data.recipes.digits import build_digits
+
+    out = tmp_path_factory.mktemp("digits")
+    build_digits(out, pairs_per_instance=1, sources_per_class=4, train_shards=4, test_shards=2,
+                 progress=False)
+    return out

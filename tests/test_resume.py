@@ -18,21 +18,12 @@ import pytest
 import torch
 
 from mmvae.config import load_config
-from mmvae.data.recipes.digits import build_digits
 from mmvae.train import checkpoint as ckpt
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "configs" / "demo.yaml"
 TIMEOUT = 240
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """30 training pairs in 4 shards: 7 steps per epoch on one process (batch 4), 3 on two."""
-    out = tmp_path_factory.mktemp("digits")
-    build_digits(out, pairs_per_instance=1, sources_per_class=4, train_shards=4, test_shards=2,
-                 progress=False)
-    return out
 
 
 def overrides(shards, run_dir, *extra):

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmvae.data.recipes.digits import build_digits
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
@@ -37,14 +36,6 @@ def slurm():
     if started:
         subprocess.run([SCRIPT, "down"], capture_output=True, timeout=120)
 
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    """30 training pairs in 4 shards: 3 steps per epoch on two ranks with batch 4."""
-    out = tmp_path_factory.mktemp("digits")
-    build_digits(out, pairs_per_instance=1, sources_per_class=4, train_shards=4, test_shards=2,
-                 progress=False)
-    return out
 
 
 def train_args(shards, run_dir, *extra):

@@ -50,7 +50,7 @@ import torch
 
 from mmvae.data.writer import sha256_file
 from mmvae.eval import eval_mode, text
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
+from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches, sum_in_order
 
 CCA_K = 40
 RIDGE = 1e-12
@@ -334,12 +334,7 @@ def cca_coherence(model, batches: Iterable, cca: CaptionCCA, *, seed: int = 0,
     rows: dict[int, dict[str, float]] = {}
     n = 0
     with eval_mode(model):
-        for index, (xs, _) in enumerate(batches):
-            if max_datapoints is not None:
-                xs = [x[: max_datapoints - n] for x in xs]
-            size = xs[0].shape[0]
-            if size == 0:
-                break
+        for index, xs in capped_batches((xs for xs, _ in batches), max_datapoints):
             if ranks.owns(index):
                 generator = batch_generator(seed, index, device, stream=STREAM)
                 feats, caps = xs[f].to(device), xs[c].to(device)
@@ -351,9 +346,7 @@ def cca_coherence(model, batches: Iterable, cca: CaptionCCA, *, seed: int = 0,
                     "ground_truth": cca.correlation(_numpy(feats), _ids(caps)).sum(),
                     "cross_feature_to_caption": cca.correlation(_numpy(feats), captions).sum(),
                     "cross_caption_to_feature": cca.correlation(features, _ids(caps)).sum()}
-            n += size
-            if max_datapoints is not None and n >= max_datapoints:
-                break
+            n += xs[0].shape[0]
     if n == 0:
         raise ValueError("cca_coherence got no datapoints")
     sums = sum_in_order(ranks.gather_by_index(rows))

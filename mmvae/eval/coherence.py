@@ -23,7 +23,7 @@ import torch
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.eval import eval_mode
 from mmvae.eval.classifiers import as_float_images, predict
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator
+from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches
 
 
 def unique_pairs(unique: dict[str, tuple[np.ndarray, np.ndarray]], modalities: Sequence[str],
@@ -61,17 +61,13 @@ def cross_coherence(model, batches: Iterable[tuple[Sequence[torch.Tensor], torch
     rows: dict[int, list] = {}
     n = 0
     with eval_mode(model):
-        for index, (xs, labels) in enumerate(batches):
-            if max_datapoints is not None:
-                xs, labels = [x[: max_datapoints - n] for x in xs], labels[: max_datapoints - n]
-            if len(labels) == 0:
-                break
+        # labels first: the count of a batch is its number of labels
+        batches = ([labels, *xs] for xs, labels in batches)
+        for index, (labels, *xs) in capped_batches(batches, max_datapoints):
             if ranks.owns(index):
                 generator = batch_generator(seed, index, device)
                 rows[index] = _correct(model, xs, labels, classifiers, generator).tolist()
             n += len(labels)
-            if max_datapoints is not None and n >= max_datapoints:
-                break
     if n == 0:
         raise ValueError("cross_coherence got no datapoints")
     correct = torch.tensor(ranks.gather_by_index(rows)).sum(0)  # [e, d]

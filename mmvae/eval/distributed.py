@@ -116,3 +116,22 @@ def sum_in_order(rows: list[dict[str, float]]) -> dict[str, float]:
         for key, value in row.items():
             total[key] = total.get(key, 0.0) + value
     return total
+
+
+def capped_batches(batches: Iterable[list], max_datapoints: int | None) -> Iterator[tuple[int, list]]:
+    """(index, batch) over `batches` (each a list of tensors sharing their first dimension), the
+    last one cut so that at most `max_datapoints` datapoints are seen in all (None: all).
+
+    Every rank walks the same batches and computes those it `owns`; the index is what the
+    per-batch noise is seeded from, so the results do not depend on the number of ranks."""
+    seen = 0
+    for index, batch in enumerate(batches):
+        if max_datapoints is not None:
+            batch = [t[: max_datapoints - seen] for t in batch]
+        size = len(batch[0])
+        if size == 0:
+            return
+        yield index, batch
+        seen += size
+        if max_datapoints is not None and seen >= max_datapoints:
+            return

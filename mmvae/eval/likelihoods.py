@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import torch
 
 from mmvae.eval import eval_mode
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
+from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches, sum_in_order
 from mmvae.objectives import log_q_matrix
 
 DEFAULT_K = 1000
@@ -112,19 +112,12 @@ def calculate_likelihoods(model, batches: Iterable[Sequence[torch.Tensor]], *,
     device = model.prior_params()[0].device
     rows: dict[int, dict[str, float]] = {}
     n = 0
-    for index, xs in enumerate(batches):
-        if max_datapoints is not None:
-            xs = [x[: max_datapoints - n] for x in xs]
-        size = xs[0].shape[0]
-        if size == 0:
-            break
+    for index, xs in capped_batches(batches, max_datapoints):
         if ranks.owns(index):
             est = batch_log_likelihoods(model, [x.to(device) for x in xs], K, k_chunk=k_chunk,
                                         generator=batch_generator(seed, index, device))
             rows[index] = {key: value.double().sum().item() for key, value in est.items()}
-        n += size
-        if max_datapoints is not None and n >= max_datapoints:
-            break
+        n += xs[0].shape[0]
     if n == 0:
         raise ValueError("calculate_likelihoods got no datapoints")
     sums = sum_in_order(ranks.gather_by_index(rows))
