@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo demo-cub test install bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ demo: $(STAMP)
 	run=$$($(BIN)/python launch/train.py --config configs/demo.yaml | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "demo run: $$run  (config.yaml, metrics.jsonl, images/, model/, eval.json, report.md)"
+
+demo-cub: $(STAMP)
+	@set -e; \
+	run=$$($(BIN)/python launch/train.py --config configs/demo_cub.yaml | tail -n 1 | cut -d' ' -f2); \
+	$(BIN)/python launch/evaluate.py --run $$run; \
+	echo "caption demo run: $$run  (images/*_pairs.png, images/*.txt, eval.json, report.md)"
 
 bench: $(STAMP)
 	$(BIN)/python launch/bench.py

@@ -2,17 +2,19 @@
 
     python launch/shard_demo.py --dataset digits --out shards/demo-digits [--pairs-per-instance 20]
     python launch/shard_demo.py --dataset shapes --out shards/demo-shapes  [--scenes 3000 1000]
+    python launch/shard_demo.py --dataset shapes_simple --out shards/demo-shapes-simple
     python launch/shard_demo.py --dataset shapes_ft --out shards/demo-shapes-ft   # + 2048-d features
 
-digits: MNIST-SVHN-shaped pairs; shapes: CUB-shaped image-caption pairs (shapes_ft adds
-stand-in 2048-d features for the cubISft models)."""
+digits: MNIST-SVHN-shaped pairs; shapes: CUB-shaped image-caption pairs (shapes_simple: one
+object per image and three fixed phrasings, the caption demo's data; shapes_ft adds stand-in
+2048-d features for the cubISft models)."""
 from __future__ import annotations
 
 import argparse
 import sys
 import time
 
-OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft")}
+OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft", "shapes_simple")}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -22,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     parser = _Parser(prog="shard_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", required=True, help="digits | shapes | shapes_ft")
+    parser.add_argument("--dataset", required=True, help="digits | shapes | shapes_simple | shapes_ft")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pairs-per-instance", type=int, help="digits: pairs per image (default 20)")

@@ -131,7 +131,8 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["likelihood", "coherence", "latent",
                                                    "pictures"])
     """Metrics computed by launch/evaluate.py: likelihood | coherence (digit pairs) | latent |
-    pictures | cca (CUB feature + caption models); inapplicable ones are skipped with a note."""
+    pictures | cca (CUB feature + caption models) | attributes (image + caption models on the
+    built-in shapes data); inapplicable ones are skipped with a note."""
     iwae_K: int = 1000
     """Particles of the IWAE log-likelihood estimates."""
     k_chunk: int = 100
@@ -144,11 +145,12 @@ class EvalConfig:
     max_datapoints: int = 0
     """Likelihood and cross coherence: stop after this many test datapoints (0 = all)."""
     coherence_samples: int = 10000
-    """Prior samples of the joint coherence (paper: 10,000)."""
+    """Prior samples of the joint coherence (paper: 10,000) and of the joint attribute coherence."""
     coherence_pairs: str = "auto"
     """unique (each unique test image once) | shards (the duplicated test pairs) | auto."""
     classifier_epochs: int = 30
-    """Epochs of the digit classifiers over the unique train images (cached next to shards)."""
+    """Epochs of the coherence classifiers (digits; shapes colour/shape) over the unique train
+    images (cached next to the shards)."""
     latent_max_train: int = 20000
     """Latent accuracy without unique images: at most this many train datapoints."""
     embedding: str = "umap"

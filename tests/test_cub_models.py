@@ -321,34 +321,44 @@ def test_pictures_of_caption_and_feature_models(tiny_cub, tmp_path):
         ids = torch.tensor([[3, 4, 8, 9, 2] + [1] * 27] * 5)
         xs = [torch.rand(5, 3, 64, 64) if name == "cubIS" else torch.rand(5, 2048), ids]
         out = save_reconstructions(model, xs, tmp_path / f"{name}_recon_001.png", n=4, **res)
-        assert [p.name for p in out] == [f"{name}_recon_001{s}" for s in (".png", ".txt", "_pairs.png")]
+        assert [p.name for p in out] == [f"{name}_recon_001{s}" for s in (".png", ".txt", "_captions.json",
+                                                                          "_pairs.png")]
         png = np.asarray(Image.open(out[0]))
         assert png.shape == (3 * 66 + 2, 4 * 66 + 2, 3)  # input image + 2 decoded image rows
         text = out[1].read_text()
         assert "input caption:\n  0: a red square .\n" in text
         assert text.count("caption decoded from") == 2
+        table = json.loads(out[2].read_text())  # the W&B caption table: one row per item
+        assert table["columns"] == ["item", "caption decoded from q_image(z|x_image)" if name == "cubIS" else
+                                    "caption decoded from q_feature(z|x_feature)", "input caption",
+                                    "caption decoded from q_caption(z|x_caption)"]
+        assert len(table["data"]) == 4 and table["data"][0][:1] + table["data"][0][2:3] == [0, "a red square ."]
         prior = save_prior_samples(model, tmp_path / f"{name}_prior_001.png", n=9, generator=gen,
                                    **res)
         first = "image" if name == "cubIS" else "feature"
         assert [p.name for p in prior] == [f"{name}_prior_001_{first}.png",
                                            f"{name}_prior_001_caption.txt",
+                                           f"{name}_prior_001_captions.json",
                                            f"{name}_prior_001_pairs.png"]
         assert len(prior[1].read_text().splitlines()) == 9
+        assert json.loads(prior[2].read_text())["columns"] == ["item", "caption"]
+        assert len(json.loads(prior[2].read_text())["data"]) == 9
     sentence = mmvae.build_model("cub_sentence", latent_dim=4, vocab_size=len(SHAPES_ITOS))
     out = save_reconstructions(sentence, [ids], tmp_path / "s.png", vocab=SHAPES_ITOS)
-    assert [p.name for p in out] == ["s.txt"]  # text only: no image grid
+    assert [p.name for p in out] == ["s.txt", "s_captions.json"]  # text only: no image grid
 
 
-def test_fit_on_tiny_caption_shards_lowers_the_loss_and_draws_captions(tiny_cub, tmp_path):
+def test_fit_on_tiny_caption_shards_lowers_the_loss_and_draws_captions(tiny_cub, tmp_path, monkeypatch):
     from pathlib import Path
 
     from mmvae.config import load_config
     from mmvae.train.loop import fit
 
+    monkeypatch.setenv("WANDB_MODE", "offline")
     root = Path(__file__).resolve().parent.parent
     run_dir = tmp_path / "run"
     cfg = load_config(root / "configs" / "demo_cub.yaml", [
-        f"data.shards={tiny_cub}", "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled",
+        f"data.shards={tiny_cub}", "data.builtin=", f"run.dir={run_dir}", "logging.wandb=offline",
         "logging.progress=false", "data.batch_size=16", "model.latent_dim=8", "objective.K=2",
         "train.epochs=3", "train.lr=2e-3", "train.test_batches=1"])
     out_dir, status = fit(cfg)
@@ -358,6 +368,11 @@ def test_fit_on_tiny_caption_shards_lowers_the_loss_and_draws_captions(tiny_cub,
     assert len(tests) == 3 and tests[-1] > tests[0] + 20, tests
     names = {p.name for p in (run_dir / "images").iterdir()}
     assert {"recon_003.png", "recon_003.txt", "recon_003_pairs.png", "prior_003_image.png",
-            "prior_003_caption.txt", "prior_003_pairs.png"} <= names
+            "prior_003_caption.txt", "prior_003_pairs.png", "recon_003_captions.json"} <= names
+    # the captions also went to W&B as tables (offline run files), one per epoch and kind
+    tables = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*/files/media/table/captions/*.table.json"))
+    assert len([t for t in tables if t.startswith("recon_")]) == 3 and len(tables) == 6, tables
+    logged = json.loads(next((run_dir / "wandb").glob("offline-run-*/files/media/table/captions/prior_*.table.json")).read_text())
+    assert logged["columns"] == ["item", "caption"] and len(logged["data"]) > 0
     model = mmvae.load_model(run_dir / "model")
     assert model.modalities == ["image", "caption"] and model.experts[1].enc.embedding.num_embeddings == 10

@@ -13,8 +13,10 @@ from mmvae.data.writer import MANIFEST, read_manifest
 log = logging.getLogger(__name__)
 
 # name -> builder(out_dir, **kwargs) returning the manifest. digits: MNIST-SVHN-shaped pairs;
-# shapes: CUB-shaped image-caption pairs; shapes_ft: shapes + 2048-d stand-in features (cubISft).
-BUILTINS = {"digits": build_digits, "shapes": build_shapes, "shapes_ft": partial(build_shapes, features=True)}
+# shapes: CUB-shaped image-caption pairs; shapes_ft: shapes + 2048-d stand-in features (cubISft);
+# shapes_simple: one centred object per image and three fixed phrasings (the caption demo).
+BUILTINS = {"digits": build_digits, "shapes": build_shapes, "shapes_ft": partial(build_shapes, features=True),
+            "shapes_simple": partial(build_shapes, simple=True)}
 
 
 def ensure_builtin(shards_dir, dataset: str, **build_kwargs) -> dict:

@@ -1,4 +1,4 @@
-"""Digit classifiers for the coherence metrics (REFERENCE.md §6, ``analyse_ms``).
+"""Image classifiers for the coherence metrics (REFERENCE.md §6, ``analyse_ms``).
 
 The paper's small conv net, for a (C, S, S) digit image (MNIST: C=1, S=28; SVHN: C=3, S=32):
 
@@ -103,18 +103,20 @@ def train_classifier(images, labels, *, epochs: int = 30, batch_size: int = 128,
 
 # --- unique images and the on-disk cache -------------------------------------------------------
 
-def load_unique(shards_dir, split: str, modalities: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``unique_{split}.npz`` of a digits-style shard folder: modality -> (images uint8
-    (N, C, H, W), labels (N,)), from the arrays ``{modality}`` and ``{modality}_labels``."""
+def load_unique(shards_dir, split: str, modalities: Sequence[str],
+                target: str = "") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``unique_{split}.npz`` of a shard folder: modality -> (images uint8 (N, C, H, W), labels
+    (N,)), from the arrays ``{modality}`` and ``{modality}_labels`` (or, with ``target``, the
+    array ``target``: e.g. the shapes datasets' ``colour``)."""
     path = Path(shards_dir) / f"unique_{split}.npz"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: coherence needs the unique images that "
-                                "digit shard recipes write (launch/shard_demo.py --dataset digits)")
+                                "digit and shapes shard recipes write (launch/shard_demo.py)")
     with np.load(path, allow_pickle=False) as npz:
-        missing = [m for m in modalities if m not in npz or f"{m}_labels" not in npz]
+        missing = [m for m in modalities if m not in npz or (target or f"{m}_labels") not in npz]
         if missing:
             raise KeyError(f"{path} lacks images/labels of {', '.join(missing)}; has {', '.join(npz.files)}")
-        return {m: (npz[m], npz[f"{m}_labels"].astype(np.int64)) for m in modalities}
+        return {m: (npz[m], npz[target or f"{m}_labels"].astype(np.int64)) for m in modalities}
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -123,9 +125,9 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _load_cached(folder: Path, modality: str, shape: Sequence[int] | None):
+def _load_cached(folder: Path, name: str, shape: Sequence[int] | None):
     """(net, info) from the cache, or None if absent or made for other (C, S) images."""
-    weights, meta = folder / f"{modality}.pt", folder / f"{modality}.json"
+    weights, meta = folder / f"{name}.pt", folder / f"{name}.json"
     if not (weights.is_file() and meta.is_file()):
         return None
     info = json.loads(meta.read_text())
@@ -138,31 +140,33 @@ def _load_cached(folder: Path, modality: str, shape: Sequence[int] | None):
 
 def load_or_train_classifiers(shards_dir, modalities: Sequence[str], *, epochs: int = 30,
                               seed: int = 0, retrain: bool = False, cache_dir=None,
-                              image_shapes: dict | None = None,
+                              image_shapes: dict | None = None, target: str = "",
                               device: str | torch.device = "cpu") -> tuple[dict, dict]:
-    """Digit classifiers for `modalities`: ({modality: net}, {modality: info}).
+    """Classifiers of `modalities`' images: ({modality: net}, {modality: info}).
 
-    Loaded from ``<cache_dir or shards_dir/classifiers>/{modality}.pt`` when present (and, if
+    Loaded from ``<cache_dir or shards_dir/classifiers>/{name}.pt`` when present (and, if
     `image_shapes` gives the modality's (C, H, W), made for that shape), else trained on
     ``unique_train.npz``, scored on ``unique_test.npz`` and written there (atomically).
-    ``info["test_accuracy"]`` is recorded.
+    ``info["test_accuracy"]`` is recorded. The labels are ``{modality}_labels`` (name: the
+    modality) or, with ``target``, that array (name: ``{modality}-{target}``).
     """
     folder = Path(cache_dir) if cache_dir is not None else Path(shards_dir) / CACHE_DIR
     image_shapes = image_shapes or {}
     nets, infos = {}, {}
     for m in modalities:
-        cached = None if retrain else _load_cached(folder, m, image_shapes.get(m))
+        name = f"{m}-{target}" if target else m
+        cached = None if retrain else _load_cached(folder, name, image_shapes.get(m))
         if cached is None:
-            (x_tr, y_tr), = load_unique(shards_dir, "train", [m]).values()
-            (x_te, y_te), = load_unique(shards_dir, "test", [m]).values()
+            (x_tr, y_tr), = load_unique(shards_dir, "train", [m], target).values()
+            (x_te, y_te), = load_unique(shards_dir, "test", [m], target).values()
             net = train_classifier(x_tr, y_tr, epochs=epochs, seed=seed, device=device).cpu()
-            info = {"modality": m, "in_channels": net.in_channels, "size": net.size,
+            info = {"modality": m, "target": target or f"{m}_labels", "in_channels": net.in_channels, "size": net.size,
                     "epochs": epochs, "seed": seed, "trained_on": "unique_train.npz",
                     "train_images": int(len(y_tr)), "test_images": int(len(y_te)),
                     "test_accuracy": accuracy(net, x_te, y_te)}
             folder.mkdir(parents=True, exist_ok=True)
-            _atomic_save(net.state_dict(), folder / f"{m}.pt")
-            _atomic_save(info, folder / f"{m}.json")
+            _atomic_save(net.state_dict(), folder / f"{name}.pt")
+            _atomic_save(info, folder / f"{name}.json")
             cached = net, info
         nets[m], infos[m] = cached
     return {m: n.to(device) for m, n in nets.items()}, infos

@@ -16,13 +16,17 @@ text (`vocab`, the shards' ``itos``; without one the token ids are printed). The
   ``recon_XXX.txt``: those rows' captions, then every caption row as text, one line per item;
   ``recon_XXX_pairs.png``: all rows, images and captions together, in one figure;
 * ``prior_XXX_<modality>.png`` per image/feature modality, ``prior_XXX_caption.txt``, and
-  ``prior_XXX_pairs.png``: the first 16 prior samples as image-caption pairs.
+  ``prior_XXX_pairs.png``: the first 16 prior samples as image-caption pairs;
+* ``recon_XXX_captions.json`` / ``prior_XXX_captions.json``: the captions as a table,
+  ``{"columns": ["item", <caption row labels>...], "data": [[i, caption, ...], ...]}`` (one
+  row per item), which the trainer logs as a W&B table (``captions/recon``, ``captions/prior``).
 
 `picture_resources(shards_dir, model)` gives the keyword arguments for a model (vocabulary and
 feature index, loaded lazily from the shards, {} for digit models).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -209,12 +213,24 @@ def _save_panel_prior_samples(model, path, n, generator, vocab, feature_index) -
             out = path.with_name(f"{path.stem}_{name}.txt")
             out.write_text("".join(f"{i}: {t}\n" for i, t in enumerate(panel[1])))
         written.append(out)
+    text_rows = [(label, panel[1]) for label, panel in panels if panel[0] == "text"]
+    if text_rows:
+        written.append(write_caption_table(text_rows, path.with_name(f"{path.stem}_captions.json")))
     if len(panels) > 1:  # pairs: blocks of 8 samples, one row per modality
         shown, ncol = min(n, PAIRS_SHOWN), min(n, 8)
         rows = [(label, (kind, values[s:s + ncol])) for s in range(0, shown, ncol)
                 for label, (kind, values) in panels]
         written.append(_pairs_figure(rows, path.with_name(f"{path.stem}_pairs.png"), ncol))
     return written
+
+
+def write_caption_table(text_rows, path: Path) -> Path:
+    """`path` (JSON): the captions of `text_rows` [(label, [str] * n)] as a table with one row
+    per item: {"columns": ["item", label, ...], "data": [[i, text, ...], ...]}."""
+    labels = [label for label, _ in text_rows]
+    data = [[i, *texts] for i, texts in enumerate(zip(*(t for _, t in text_rows)))]
+    path.write_text(json.dumps({"columns": ["item", *labels], "data": data}, indent=1))
+    return path
 
 
 def _write_panels(rows, path: Path, n: int) -> list[Path]:
@@ -237,6 +253,8 @@ def _write_panels(rows, path: Path, n: int) -> list[Path]:
     txt = path.with_suffix(".txt")
     txt.write_text("\n".join(lines))
     written.append(txt)
+    if text_rows:
+        written.append(write_caption_table(text_rows, path.with_name(f"{path.stem}_captions.json")))
     if image_rows and text_rows:
         written.append(_pairs_figure(rows, path.with_name(f"{path.stem}_pairs.png"), n))
     return written

@@ -21,13 +21,14 @@ PAPER_BY_MODEL = {
     "cubISft": (CUB_DATASETS, {("cca", "joint"): 0.263}),
 }
 PAPER = {key: value for _, numbers in PAPER_BY_MODEL.values() for key, value in numbers.items()}
-PERCENT_METRICS = ("coherence", "latent")
+PERCENT_METRICS = ("coherence", "latent", "attributes")
 DETAILS = {  # what each metric's one-line note shows
     "likelihood": ("K", "k_chunk", "num_datapoints", "seed", "llik_scaling"),
     "coherence": ("test_pairs", "num_pairs", "joint_samples", "seed"),
     "latent": ("data", "num_train", "num_test", "seed"),
     "pictures": ("embedding_method", "embedding_points", "mean_kl"),
     "cca": ("test_pairs", "num_pairs", "joint_samples", "seed", "artifacts"),
+    "attributes": ("test_pairs", "num_scenes", "joint_samples", "seed"),
 }
 
 

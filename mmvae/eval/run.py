@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mmvae.config import Config, EvalConfig, _apply, load_config, validate
-from mmvae.eval import cca
+from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
 from mmvae.eval.distributed import SINGLE, Ranks
@@ -260,6 +260,32 @@ def metric_cca(ctx: EvalContext) -> dict:
             "test_pairs": "every test pair once (the paper: full batches of 256 only)"}
 
 
+def metric_attributes(ctx: EvalContext) -> dict:
+    """Attribute coherence on the built-in shapes datasets (`mmvae.eval.attributes`): colour and
+    shape classifiers are trained on the unique train images once and cached with the shards."""
+    opts = ctx.options
+    with ctx.ranks.main_first():  # the main process trains and caches, the others load
+        nets, infos = {}, {}
+        for attr in attributes.ATTRIBUTES:
+            net, info = load_or_train_classifiers(
+                ctx.shards_dir, ["image"], epochs=opts.classifier_epochs, seed=ctx.seed, target=attr,
+                image_shapes={"image": (3, 64, 64)}, device=ctx.device)
+            nets[attr], infos[attr] = net["image"], info["image"]
+    with np.load(ctx.shards_dir / "unique_test.npz", allow_pickle=False) as npz:
+        images, captions, truth = attributes.one_object_scenes(dict(npz))
+    if opts.max_datapoints:
+        images, captions = images[:opts.max_datapoints], captions[:opts.max_datapoints]
+        truth = {a: t[:opts.max_datapoints] for a, t in truth.items()}
+    itos = json.loads((ctx.shards_dir / "vocab.json").read_text())["itos"]
+    result = attributes.attribute_coherence(
+        ctx.model, images, captions, truth, nets, itos, itos.index("<eos>"), seed=ctx.seed,
+        batch_size=opts.batch_size, joint_samples=opts.coherence_samples, ranks=ctx.ranks)
+    values = dict(result["values"])
+    values.update({f"classifier_{a}": info["test_accuracy"] for a, info in infos.items()})
+    return {**result, "values": values, "classifiers": infos,
+            "test_pairs": "every one-object unique test scene with one of its captions"}
+
+
 def _console_log(message: str) -> None:
     from rich.console import Console
 
@@ -272,10 +298,11 @@ METRICS: dict[str, Callable[[EvalContext], dict]] = {
     "latent": metric_latent,
     "pictures": metric_pictures,
     "cca": metric_cca,
+    "attributes": metric_attributes,
 }
 NEEDS_LABELS = ("coherence", "latent")
 # Computed by every process on its share of the batches; the others run on the main process.
-SHARDED = ("likelihood", "coherence", "cca")
+SHARDED = ("likelihood", "coherence", "cca", "attributes")
 
 
 def inapplicable(name: str, ctx: EvalContext) -> str | None:
@@ -287,12 +314,23 @@ def inapplicable(name: str, ctx: EvalContext) -> str | None:
                 f"the model has {', '.join(ctx.model.modalities)}")
     if name == "cca":
         return _cca_inapplicable(ctx)
+    if name == "attributes":
+        return _attributes_inapplicable(ctx)
     if name == "coherence" and not ctx.is_toy and not ctx.has_unique("train"):
         cached = all((ctx.shards_dir / CACHE_DIR / f"{m}.pt").is_file()
                      for m in ctx.model.modalities)
         if not cached:
             return (f"coherence: {ctx.shards_dir} has neither unique_train.npz nor cached "
                     f"classifiers in {CACHE_DIR}/ to classify digits with")
+    return None
+
+
+def _attributes_inapplicable(ctx: EvalContext) -> str | None:
+    if ctx.is_toy or not {"image", "caption"} <= set(ctx.model.modalities):
+        return (f"attributes needs image and caption modalities (cubIS); the model has "
+                f"{', '.join(ctx.model.modalities)}")
+    if not ctx.dataset().startswith("shapes"):
+        return f"attributes needs the built-in shapes datasets; {ctx.shards_dir} holds {ctx.dataset()!r}"
     return None
 
 

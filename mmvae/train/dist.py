@@ -6,6 +6,7 @@ rank % P). Everything else asks this module for `Layout` and never reads rank va
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import warnings
@@ -140,13 +141,20 @@ class Tracker:
         self._guard(lambda: self.accelerator.log(values, step=step))
 
     def log_images(self, paths, step: int) -> None:
+        """PNGs as W&B images and caption tables (``*_captions.json``, written by
+        `mmvae.eval.pictures`) as W&B tables: recon_003.png -> images/recon,
+        prior_003_svhn.png -> images/prior_svhn, recon_003_captions.json -> captions/recon."""
         def log():
             import wandb
 
             run = self.accelerator.get_tracker("wandb", unwrap=True)
-            # recon_003.png -> images/recon, prior_003_svhn.png -> images/prior_svhn
-            run.log({"images/" + re.sub(r"_\d{3}", "", Path(p).stem, count=1):
-                     wandb.Image(str(p)) for p in paths if str(p).endswith(".png")}, step=step)
+            key = lambda p: re.sub(r"_\d{3}", "", Path(p).stem, count=1)  # noqa: E731
+            values = {"images/" + key(p): wandb.Image(str(p)) for p in paths if str(p).endswith(".png")}
+            for p in (p for p in paths if str(p).endswith("_captions.json")):
+                table = json.loads(Path(p).read_text())
+                values["captions/" + key(p).removesuffix("_captions")] = wandb.Table(
+                    columns=table["columns"], data=table["data"])
+            run.log(values, step=step)
         self._guard(log)
 
     def finish(self) -> None:

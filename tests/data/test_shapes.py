@@ -110,9 +110,9 @@ def test_shard_demo_and_ensure_builtin_build_shapes(tmp_path, capsys, monkeypatc
 
 @pytest.mark.parametrize("argv, message", [
     (["--dataset", "shapes", "--pairs-per-instance", "3"], "--pairs-per-instance applies to --dataset digits"),
-    (["--dataset", "digits", "--scenes", "3", "3"], "--scenes applies to --dataset shapes / shapes_ft"),
+    (["--dataset", "digits", "--scenes", "3", "3"], "--scenes applies to --dataset shapes / shapes_ft / shapes_simple"),
     (["--dataset", "shapes", "--scenes", "0", "3"], "--scenes must be >= 1"),
-    (["--dataset", "cub"], "valid: digits, shapes, shapes_ft"),
+    (["--dataset", "cub"], "valid: digits, shapes, shapes_ft, shapes_simple"),
 ])
 def test_shard_demo_rejects_bad_options_in_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)
@@ -121,3 +121,26 @@ def test_shard_demo_rejects_bad_options_in_one_line(tmp_path, capsys, monkeypatc
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_simple_variant_one_centred_object_on_grey_with_fixed_phrasings(tmp_path):
+    from mmvae.data.recipes.captions import decode
+
+    manifest = builtin.BUILTINS["shapes_simple"](tmp_path, **SMALL)
+    assert manifest["dataset"] == "shapes_simple" and manifest["params"]["simple"] is True
+    unique = np.load(tmp_path / "unique_train.npz")
+    itos = json.loads((tmp_path / "vocab.json").read_text())["itos"]
+    assert set(unique["num_objects"]) == {1} and len(itos) < 30
+    images = unique["image"].astype(np.int64)
+    corners = images[:, :, [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners == shapes.SIMPLE_BACKGROUND).all()  # plain grey, no lighting
+    for scene in range(40):
+        shape, colour = shapes.SHAPES[unique["shape"][scene]], list(shapes.COLOURS)[unique["colour"][scene]]
+        size = shapes.SIZES[unique["size"][scene]]
+        words = (shapes.SIZE_WORDS[size][0], shapes.COLOUR_WORDS.get(colour, (colour,))[0],
+                 shapes.SHAPE_WORDS[shape][0])
+        texts = {decode(unique["caption"][10 * scene + j], itos) for j in range(10)}
+        assert texts == {t(*words) for t in shapes.SIMPLE_TEMPLATES}, texts
+        rgb = np.asarray(shapes.COLOURS[colour])
+        centre = images[scene, :, 28:36, 28:36].reshape(3, -1)
+        assert (np.abs(centre - rgb[:, None]).max(axis=0) < 45).mean() > 0.5, (scene, shape, colour)

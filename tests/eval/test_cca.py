@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import mmvae
-from mmvae.dists import SCALES, get_family
+from mmvae.dists import get_family
 from mmvae.eval import cca, text
-from mmvae.models.vae import LatentModel
+from standins import StandInModel
 
 ROOT = Path(__file__).resolve().parents[2]
 PLANTED = (0.9, 0.6, 0.3)
@@ -256,13 +256,10 @@ class ClassExpert(nn.Module):
         return self.typical[(z.argmax(-1) + self.shift) % NUM_CLASSES]
 
 
-class FeatureCaptionModel(LatentModel):
+class FeatureCaptionModel(StandInModel):
     """A stand-in cubISft: class-perfect encoders, decoders shifted by `shift` classes."""
 
-    multimodal = True
-
     def __init__(self, shift=0):
-        super().__init__()
         centres = torch.tensor(np.abs(np.random.default_rng(99).standard_normal(
             (NUM_CLASSES, FEATURE_DIM)) * 3), dtype=torch.float32)
         logits = torch.full((NUM_CLASSES, L, len(ITOS)), -5.0)
@@ -275,26 +272,9 @@ class FeatureCaptionModel(LatentModel):
         def caption_class(ids):
             return torch.tensor([word_class.get(int(row[0]), 0) for row in ids])
 
-        self.vaes = nn.ModuleList([
+        super().__init__([
             ClassExpert("feature", centres, lambda x: torch.cdist(x, centres).argmin(-1), shift),
-            ClassExpert("caption", logits, caption_class, shift)])
-        self.latent_dim = NUM_CLASSES
-        self.prior_family = get_family("normal")
-        self._prior_scale, self._prior_eta = SCALES["softplus"], 0.0
-        self.register_buffer("prior_loc", torch.zeros(1, NUM_CLASSES))
-        self.prior_raw = nn.Parameter(torch.full((1, NUM_CLASSES), 0.5413), requires_grad=False)
-
-    @property
-    def experts(self):
-        return list(self.vaes)
-
-    @property
-    def modalities(self):
-        return [v.modality for v in self.vaes]
-
-    @property
-    def llik_scaling(self):
-        return [1.0, 1.0]
+            ClassExpert("caption", logits, caption_class, shift)], NUM_CLASSES)
 
 
 def test_cca_coherence_of_stand_in_models(caption_data, fitted):

@@ -131,3 +131,30 @@ def test_digits_run_end_to_end(tmp_path):
     shards_pairs = evaluate_run(run, ["coherence"], classifier_epochs=1, coherence_pairs="shards",
                                 max_datapoints=50, coherence_samples=10)
     assert shards_pairs["metrics"]["coherence"]["test_pairs"].startswith("duplicated")
+
+
+def test_shapes_run_attributes_end_to_end(tmp_path, toy_run):
+    """Real shapes_simple shards, an untrained cubIS: attribute coherence and caption pictures."""
+    from mmvae.data import builtin
+
+    shards = tmp_path / "shapes"
+    builtin.BUILTINS["shapes_simple"](shards, train_scenes=30, test_scenes=12, min_shards=2, progress=False)
+    vocab = len(json.loads((shards / "vocab.json").read_text())["itos"])
+    torch.manual_seed(0)
+    run = make_run(tmp_path / "run", mmvae.build_model("cubIS", latent_dim=4, vocab_size=vocab),
+                   ["model.name=cubIS", "model.latent_dim=4", f"model.vocab_size={vocab}",
+                    f"data.shards={shards}", "logging.progress=false"])
+    out = evaluate_run(run, ["attributes", "pictures"], classifier_epochs=1, coherence_samples=20,
+                       embedding="pca", plot_batch=8, batch_size=5)
+    m = out["metrics"]["attributes"]
+    assert m["num_scenes"] == 12 and m["joint_samples"] == 20  # every test scene has one object
+    cross = [k for k in m["values"] if k.startswith(("cross", "self", "joint"))]
+    assert len(cross) == 15 and all(0.0 <= m["values"][k] <= 1.0 for k in cross)
+    assert {"classifier_colour", "classifier_shape"} <= set(m["values"])
+    assert (shards / "classifiers" / "image-colour.pt").is_file()
+    assert (shards / "classifiers" / "image-shape.json").is_file()
+    files = out["metrics"]["pictures"]["files"]
+    assert "eval/reconstructions_captions.json" in files and "eval/prior_samples_caption.txt" in files
+    assert "| attributes / cross_image_to_caption_colour |" in (run / "report.md").read_text()
+    with pytest.raises(ValueError, match="attributes needs image and caption"):
+        evaluate_run(toy_run, ["attributes"])

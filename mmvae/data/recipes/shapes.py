@@ -14,6 +14,13 @@ vocabulary (``vocab.json``), 32-id captions and samples ``image.jpg``, ``caption
 run end to end offline. Train and test scenes come from the same distribution (different
 seeds); CUB's split is class-disjoint instead.
 
+``simple=True`` (built-in ``shapes_simple``, the caption demo's data) draws one upright object
+near the centre of a plain mid-grey canvas (radius 15-18 px small, 23-27 px large) and
+describes it with three fixed phrasings and no synonyms ("a large red circle", "there is a
+small blue star", "the square is large and green"; a vocabulary of ~20 words). The grey matters:
+on a black canvas the paper's sigmoid-Laplace(0.01) image decoder saturates at black and learns
+nothing for hundreds of steps (measured); the caption demo needs a model that learns in minutes.
+
 ``features=True`` (built-in ``shapes_ft``) adds ``feature.npy``: a fixed random ReLU projection
 of the 2×2-average-pooled image to 2048 non-negative values, a stand-in with the shape of
 ResNet-101 avgpool features (not a learned feature) so cubISft runs offline too.
@@ -55,6 +62,8 @@ RELATIONS = ("above", "below", "left of", "right of")
 RELATION_WORDS = {"above": ("above", "over", "on top of"), "below": ("below", "under", "beneath"),
                   "left of": ("to the left of", "left of"), "right of": ("to the right of", "right of")}
 INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+SIMPLE_RADIUS = {"small": (15.0, 18.0), "large": (23.0, 27.0)}   # shapes_simple: bigger objects
+SIMPLE_BACKGROUND = 128.0   # shapes_simple: mid-grey (see the module docstring)
 SIZE, SUPERSAMPLE = 64, 4
 _TAG_SCENE = 6
 _SPLIT_TAG = {"train": 0, "test": 1}
@@ -97,6 +106,16 @@ def sample_scene(rng: np.random.Generator) -> dict:
     scene["objects"].append(second)
     scene["relation"] = relation
     return scene
+
+
+def sample_simple_scene(rng: np.random.Generator) -> dict:
+    """``shapes_simple``: one upright, large-ish object near the centre of a plain grey canvas,
+    so that shape, colour and size are all there is to see (and to say)."""
+    obj = {"shape": SHAPES[rng.integers(len(SHAPES))], "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+           "size": SIZES[rng.integers(len(SIZES))], "angle": 0.0, "place": "centre"}
+    obj["radius"] = rng.uniform(*SIMPLE_RADIUS[obj["size"]])
+    obj["xy"] = tuple(float(v) for v in SIZE / 2 + rng.uniform(-3, 3, 2))
+    return {"objects": [obj], "background": np.full(3, SIMPLE_BACKGROUND), "light": np.zeros(2)}
 
 
 def _polygon(shape: str, x: float, y: float, r: float, angle: float) -> list[tuple[float, float]]:
@@ -178,6 +197,24 @@ PAIR_TEMPLATES = (
 )
 
 
+# shapes_simple: three fixed phrasings, no synonyms (the first word of each synonym list).
+SIMPLE_TEMPLATES = (
+    lambda s, c, n: f"{_phrase(s, c, n)}",
+    lambda s, c, n: f"there is {_phrase(s, c, n)}",
+    lambda s, c, n: f"the {n} is {s} and {c}",
+)
+
+
+def simple_captions(scene: dict, rng: np.random.Generator, n: int = cap.CAPTIONS_PER_IMAGE) -> list[str]:
+    """``n`` captions of a ``shapes_simple`` scene, cycling through `SIMPLE_TEMPLATES` from a
+    random start."""
+    obj = scene["objects"][0]
+    words = (SIZE_WORDS[obj["size"]][0], COLOUR_WORDS.get(obj["colour"], (obj["colour"],))[0],
+             SHAPE_WORDS[obj["shape"]][0])
+    start = rng.integers(len(SIMPLE_TEMPLATES))
+    return [SIMPLE_TEMPLATES[(start + i) % len(SIMPLE_TEMPLATES)](*words) for i in range(n)]
+
+
 def scene_captions(scene: dict, rng: np.random.Generator, n: int = cap.CAPTIONS_PER_IMAGE) -> list[str]:
     """``n`` captions of the scene: templates in a random order (each at most once per cycle),
     fresh synonym draws for each."""
@@ -213,17 +250,18 @@ def project_features(images: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- building
-def _scenes(split: str, num: int, seed: int):
+def _scenes(split: str, num: int, seed: int, simple: bool = False):
     """(images (N, 3, 64, 64), captions (10 N), attribute arrays); scene j draws from its own
     stream (seed, split, j)."""
+    sample, describe = (sample_simple_scene, simple_captions) if simple else (sample_scene, scene_captions)
     images, captions = np.empty((num, 3, SIZE, SIZE), np.uint8), []
     attrs = {k: np.full(num, -1, np.int64) for k in ("shape", "colour", "size", "num_objects",
                                                      "second_shape", "second_colour")}
     for j in range(num):
         rng = np.random.default_rng([seed, _TAG_SCENE, _SPLIT_TAG[split], j])
-        scene = sample_scene(rng)
+        scene = sample(rng)
         images[j] = render_scene(scene, rng)
-        captions += scene_captions(scene, rng)
+        captions += describe(scene, rng)
         main = scene["objects"][0]
         attrs["shape"][j], attrs["colour"][j] = SHAPES.index(main["shape"]), list(COLOURS).index(main["colour"])
         attrs["size"][j], attrs["num_objects"][j] = SIZES.index(main["size"]), len(scene["objects"])
@@ -235,16 +273,17 @@ def _scenes(split: str, num: int, seed: int):
 
 
 def build_shapes(out_dir, *, seed: int = 0, train_scenes: int = 3000, test_scenes: int = 1000,
-                 features: bool = False, shard_size_mb: float = 64, min_shards: int = 8,
+                 features: bool = False, simple: bool = False, shard_size_mb: float = 64, min_shards: int = 8,
                  progress: bool = True) -> dict:
     """Build the ``shapes`` (or, with ``features``, ``shapes_ft``) shards in ``out_dir`` and
-    return the manifest; see the module docstring. ~10 s for the defaults on one core."""
+    return the manifest; see the module docstring. ``simple`` builds ``shapes_simple`` instead
+    (one centred object on black, three fixed phrasings). ~10 s for the defaults on one core."""
     if train_scenes < 1 or test_scenes < 1:
         raise ValueError(f"train_scenes and test_scenes must be >= 1 (got {train_scenes}, {test_scenes})")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    data = {split: _scenes(split, num, seed) for split, num in (("train", train_scenes), ("test", test_scenes))}
+    data = {split: _scenes(split, num, seed, simple) for split, num in (("train", train_scenes), ("test", test_scenes))}
     vocab = cap.build_vocab([cap.tokenize(c) for c in data["train"][1]])
     splits, sizes = {}, {}
     for split, (images, captions, attrs) in data.items():
@@ -261,7 +300,7 @@ def build_shapes(out_dir, *, seed: int = 0, train_scenes: int = 3000, test_scene
         sizes[split] = {"images": len(images), "captions": len(captions), "shards": len(splits[split])}
     cap.write_json(out_dir / "vocab.json", vocab)
     params = {
-        "recipe": "mmvae.data.recipes.shapes", "seed": seed, "train_scenes": train_scenes,
+        "recipe": "mmvae.data.recipes.shapes", "seed": seed, "simple": simple, "train_scenes": train_scenes,
         "test_scenes": test_scenes, "captions_per_image": cap.CAPTIONS_PER_IMAGE,
         "classes": list(SHAPES), "colours": list(COLOURS), "sizes_attr": list(SIZES),
         "image": {"size": [3, SIZE, SIZE], "jpeg_quality": cap.JPEG_QUALITY},
@@ -273,5 +312,6 @@ def build_shapes(out_dir, *, seed: int = 0, train_scenes: int = 3000, test_scene
         "versions": library_versions("numpy", "pillow", "nltk"),
     }
     keys = cap.CAPTION_KEYS + (["feature.npy"] if features else [])
-    return write_manifest(out_dir, "shapes_ft" if features else "shapes", params, splits,
+    name = "shapes" + ("_simple" if simple else "") + ("_ft" if features else "")
+    return write_manifest(out_dir, name, params, splits,
                           ["vocab.json", "unique_train.npz", "unique_test.npz"], sample_keys=keys)
