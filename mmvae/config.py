@@ -107,6 +107,12 @@ class TrainConfig:
     """Evaluate the test bound and write pictures every this many epochs (0 = never)."""
     test_batches: int = 0
     """Test batches per evaluation (0 = the whole test split)."""
+    eval_every: int = 0
+    """Also compute `train.eval_metrics` every this many epochs, on every process's share of
+    the test data, logged as eval/<metric>/<key> (0 = never; options from the eval section)."""
+    eval_metrics: list = field(default_factory=lambda: ["coherence", "attributes", "cca"])
+    """Metrics of `train.eval_every`, among likelihood | coherence | attributes | cca; those
+    that do not apply to the model or data are skipped with one note."""
 
 
 @dataclass
@@ -192,6 +198,10 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
+PERIODIC_METRICS = ("likelihood", "coherence", "attributes", "cca")
+"""Metrics the trainer can compute every `train.eval_every` epochs: the sharded ones of
+`mmvae.eval.run`, which every process computes a share of."""
+
 CHOICES = {
     "objective.name": ("elbo", "iwae", "dreg"),
     "objective.dreg_variant": ("unbiased", "paper", "stl"),
@@ -207,7 +217,7 @@ POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.part
             "eval.toy_datapoints", "eval.cca_k", "eval.cca_samples")
 NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
                 "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
-                "train.test_every", "train.test_batches", "model.llik_scaling",
+                "train.test_every", "train.test_batches", "train.eval_every", "model.llik_scaling",
                 "eval.k_chunk", "model.num_hidden_layers", "model.vocab_size", "eval.max_datapoints",
                 "eval.classifier_epochs", "eval.latent_max_train", "eval.likelihood_datapoints")
 
@@ -309,6 +319,10 @@ def validate(cfg: Config) -> Config:
         s, k = key.split(".")
         if flat[s][k] < 0:
             raise ConfigError(f"{key} must be >= 0, got {flat[s][k]}")
+    unknown = [m for m in cfg.train.eval_metrics if m not in PERIODIC_METRICS]
+    if unknown:
+        raise ConfigError(f"train.eval_metrics has {', '.join(map(str, unknown))}; choose from "
+                          f"{', '.join(PERIODIC_METRICS)} (the others run in launch/evaluate.py)")
     P, K = cfg.parallel.particle_shards, cfg.objective.K
     if K % P:
         raise ConfigError(f"objective.K={K} is not divisible by parallel.particle_shards={P}; "

@@ -57,12 +57,45 @@ def test_short_training_lowers_the_loss_and_writes_the_run_folder(tiny_digits, t
         torch.testing.assert_close(value, saved[key])
 
 
+def test_periodic_evaluation_matches_evaluate_and_leaves_training_unchanged(tiny_digits, tmp_path):
+    """train.eval_every=1: coherence after every epoch equals launch/evaluate.py on the final
+    model, bit for bit, and the training itself (every train and test event) is that of a run
+    without it; attributes (captions) does not apply to mnist_svhn and is skipped."""
+    from mmvae.eval.run import evaluate_run
+    from mmvae.train.loop import fit
+
+    options = ["train.eval_every=1", "train.eval_metrics=coherence,attributes", "eval.classifier_epochs=1",
+               "eval.coherence_samples=40", "eval.max_datapoints=48", "eval.batch_size=16"]
+    events = {}
+    for name, extra in (("plain", []), ("eval", options)):
+        fit(load_config(ROOT / "configs" / "demo.yaml",
+                        _overrides(tiny_digits, tmp_path / name, "train.epochs=2", *extra)))
+        events[name] = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    def training(evs):
+        return [{k: v for k, v in e.items() if k != "samples_per_s"} for e in evs if e["split"] != "eval"]
+
+    assert training(events["plain"]) == training(events["eval"])
+    evals = [e for e in events["eval"] if e["split"] == "eval"]
+    assert [e["epoch"] for e in evals] == [1, 2]
+    final = {k[len("coherence/"):]: v for k, v in evals[-1].items() if k.startswith("coherence/")}
+    assert {"cross_mnist_to_svhn", "cross_svhn_to_mnist", "joint"} <= set(final)
+    assert not any(k.startswith("attributes/") for k in evals[-1])
+    again = evaluate_run(tmp_path / "eval", ["coherence"], progress=False)
+    assert again["metrics"]["coherence"]["values"] == final
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"] == evals[-1]
+    with pytest.raises(Exception, match="train.eval_metrics has pictures; choose from"):
+        load_config(None, ["train.eval_metrics=pictures"])
+
+
 def test_two_cpu_processes_train_through_accelerate_launch(tiny_digits, tmp_path):
     run_dir = tmp_path / "run2"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
            "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "0", "launch/train.py", "--config", "configs/demo.yaml",
-           *_overrides(tiny_digits, run_dir, "train.max_steps=3", "parallel.particle_shards=2")]
+           *_overrides(tiny_digits, run_dir, "train.max_steps=3", "parallel.particle_shards=2",
+                       "train.eval_every=1", "eval.classifier_epochs=1", "eval.coherence_samples=40",
+                       "eval.max_datapoints=48", "eval.batch_size=16")]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == f"done: {run_dir}"
@@ -70,6 +103,8 @@ def test_two_cpu_processes_train_through_accelerate_launch(tiny_digits, tmp_path
     assert summary["step"] == 3
     train = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(e["step"] <= 3 for e in train)  # one metrics writer, not one per rank
+    evals = [e for e in train if e["split"] == "eval"]  # at the end; both ranks computed shares
+    assert len(evals) == 1 and 0.0 <= evals[0]["coherence/joint"] <= 1.0
 
 
 def test_bf16_training_stays_finite_and_close_to_fp32(tiny_digits, tmp_path):

@@ -442,6 +442,26 @@ def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
     return ctx.ranks.broadcast(payload)
 
 
+def evaluate_model(model, cfg: Config, names: Sequence[str], *, run_dir, device,
+                   ranks: Ranks = SINGLE) -> tuple[dict, list[str]]:
+    """The trainer's periodic evaluation: the sharded metrics `names` (``SHARDED``) of an
+    in-memory model, options from ``cfg.eval``, seeded by ``train.seed``; every rank must call
+    it and gets the same numbers. The global random state is left as it was (resume stays
+    exact). Returns ({name: result}, [reasons the inapplicable ones were skipped])."""
+    ctx = EvalContext(Path(run_dir), cfg, model, cfg.eval, cfg.train.seed, torch.device(device),
+                      None, ranks)
+    skipped = [reason for reason in (inapplicable(n, ctx) for n in names) if reason]
+    results = {}
+    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
+        torch.manual_seed(ctx.seed)
+        for name in names:
+            if name not in SHARDED:
+                raise ValueError(f"{name} is not a sharded metric ({', '.join(SHARDED)})")
+            if not inapplicable(name, ctx):
+                results[name] = METRICS[name](ctx)
+    return results, skipped
+
+
 def evaluate_run(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[str] = (),
                  **kwargs) -> dict:
     """Evaluate the run in `run_dir`: write RUN_DIR/eval.json, RUN_DIR/eval/*.png, report.md.

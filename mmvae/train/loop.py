@@ -2,7 +2,7 @@
 
 setup (accelerator, layout, run folder, data, model, optimiser, resume) -> for each epoch: train
 steps (progress bar, metrics, periodic checkpoints, stop requests) -> test bound and pictures ->
-checkpoint -> final model and summary.
+evaluation metrics every `train.eval_every` epochs -> checkpoint -> final model and summary.
 """
 from __future__ import annotations
 
@@ -372,6 +372,33 @@ def test_epoch(ctx: Context) -> dict:
     return event
 
 
+def eval_epoch(ctx: Context) -> dict:
+    """`train.eval_metrics` of the current model (`mmvae.eval.run.evaluate_model`): every
+    process computes its share of the test batches, the numbers are those of one process. Logged
+    to metrics.jsonl (split "eval", keys <metric>/<key>) and W&B (eval/<metric>/<key>); metrics
+    that do not apply are skipped with one note per run."""
+    from mmvae.eval.distributed import Ranks
+    from mmvae.eval.run import evaluate_model
+
+    acc = ctx.accelerator
+    ctx.wrapped.eval()
+    try:
+        with acc.autocast():
+            results, skipped = evaluate_model(ctx.model, ctx.cfg, ctx.cfg.train.eval_metrics,
+                                              run_dir=ctx.run_dir, device=acc.device,
+                                              ranks=Ranks(acc.process_index, acc.num_processes))
+    finally:
+        ctx.wrapped.train()
+    if skipped and ctx.layout.is_main and "eval" not in ctx.history:
+        console.print(f"[dim]train.eval_metrics: skipping {'; '.join(skipped)}[/dim]")
+    values = {f"{name}/{key}": value for name, result in results.items()
+              for key, value in result["values"].items()}
+    event = ctx.metrics.write(ctx.step, ctx.epoch, "eval", **values)
+    ctx.tracker.log({f"eval/{key}": value for key, value in values.items()}, step=ctx.step)
+    ctx.history["eval"] = event
+    return event
+
+
 def _save_pictures(ctx: Context, xs) -> None:
     images = ctx.run_dir / "images"
     tag = f"{ctx.epoch:03d}"
@@ -436,6 +463,8 @@ def _train(ctx: Context) -> str:
             train_epoch(ctx, progress)
             if ctx.epoch > epoch and cfg.train.test_every and ctx.epoch % cfg.train.test_every == 0:
                 ctx.history["test"] = test_epoch(ctx)
+            if ctx.epoch > epoch and cfg.train.eval_every and ctx.epoch % cfg.train.eval_every == 0:
+                eval_epoch(ctx)
             save_checkpoint(ctx)
     finally:
         progress.close()
@@ -448,6 +477,8 @@ def _train(ctx: Context) -> str:
 def _finish(ctx: Context, seconds: float, steps: int) -> None:
     if ctx.cfg.train.test_every and ctx.history.get("test", {}).get("step") != ctx.step:
         ctx.history["test"] = test_epoch(ctx)
+    if ctx.cfg.train.eval_every and ctx.history.get("eval", {}).get("step") != ctx.step:
+        eval_epoch(ctx)
     if ctx.layout.is_main:
         save_model(ctx.model, ctx.run_dir / "model")
         samples = steps * ctx.cfg.data.batch_size * ctx.layout.dp_size
@@ -455,6 +486,6 @@ def _finish(ctx: Context, seconds: float, steps: int) -> None:
                    "checkpoint_failures": ctx.checkpoint_failures,
                    "train_seconds": round(seconds, 2),
                    "samples_per_s": round(samples / max(seconds, 1e-9), 2),
-                   "test": ctx.history.get("test")}
+                   "test": ctx.history.get("test"), "eval": ctx.history.get("eval")}
         (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     ctx.accelerator.wait_for_everyone()
