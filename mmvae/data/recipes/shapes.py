@@ -277,7 +277,7 @@ def build_shapes(out_dir, *, seed: int = 0, train_scenes: int = 3000, test_scene
                  progress: bool = True) -> dict:
     """Build the ``shapes`` (or, with ``features``, ``shapes_ft``) shards in ``out_dir`` and
     return the manifest; see the module docstring. ``simple`` builds ``shapes_simple`` instead
-    (one centred object on black, three fixed phrasings). ~10 s for the defaults on one core."""
+    (one centred object on grey, three fixed phrasings). ~10 s for the defaults on one core."""
     if train_scenes < 1 or test_scenes < 1:
         raise ValueError(f"train_scenes and test_scenes must be >= 1 (got {train_scenes}, {test_scenes})")
     out_dir = Path(out_dir)
