@@ -7,6 +7,7 @@ One module per job:
 * `coherence`    cross and joint coherence (MNIST-SVHN style digit datasets);
 * `latent`       latent classification accuracy (logistic regression on posterior samples);
 * `text`, `cca`  CUB CCA coherence: FastText + SIF sentence vectors, CCA space, its artifacts;
+* `attributes`   attribute coherence of image-caption models on the built-in shapes data;
 * `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
 * `plots`        latent embedding (UMAP) and per-dimension KL box plots;
 * `report`       the metrics table and `report.md`;
@@ -43,7 +44,7 @@ _EXPORTS = {
     "METRICS": "run",
 }
 
-__all__ = ["eval_mode", *_EXPORTS]
+__all__ = ["eval_mode", "posterior_sample", "decode_mean", *_EXPORTS]
 
 
 @contextlib.contextmanager
@@ -56,6 +57,19 @@ def eval_mode(model: torch.nn.Module):
             yield model
     finally:
         model.train(was_training)
+
+
+def posterior_sample(expert, x: torch.Tensor, generator) -> torch.Tensor:
+    """One z ~ q(z | x) per datapoint, (B, D), drawn with `generator` (what the cross-generation
+    metrics decode)."""
+    loc, scale = expert.posterior(x)
+    eps = expert.posterior_family.noise(loc.shape, generator, loc.device)
+    return expert.posterior_family.reparam(loc, scale, eps)
+
+
+def decode_mean(expert, z: torch.Tensor) -> torch.Tensor:
+    """The expert's decoded "mean" of z: images/features, or caption logits."""
+    return expert.likelihood.mean(expert.decode(z))
 
 
 def __getattr__(name):

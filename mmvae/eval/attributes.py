@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from mmvae.data.recipes.shapes import COLOUR_WORDS, COLOURS, SHAPE_WORDS, SHAPES
-from mmvae.eval import eval_mode
+from mmvae.eval import decode_mean, eval_mode, posterior_sample
+from mmvae.eval.cca import token_ids
 from mmvae.eval.classifiers import as_float_images, predict
 from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
 
@@ -76,19 +77,6 @@ def _hits(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict[str
             "both": float((ok["colour"] & ok["shape"]).sum())}
 
 
-def _sample(expert, x: torch.Tensor, generator) -> torch.Tensor:
-    loc, scale = expert.posterior(x)
-    return expert.posterior_family.reparam(loc, scale, expert.posterior_family.noise(loc.shape, generator, loc.device))
-
-
-def _decode(expert, z: torch.Tensor) -> torch.Tensor:
-    return expert.likelihood.mean(expert.decode(z))
-
-
-def _caption_ids(decoded: torch.Tensor) -> np.ndarray:
-    return decoded.argmax(-1).cpu().numpy() if decoded.dim() == 3 else decoded.long().cpu().numpy()
-
-
 def attribute_coherence(model, images, captions, truth: dict[str, np.ndarray], classifiers: dict,
                         itos: Sequence[str], eos: int, *, seed: int = 0, batch_size: int = 256,
                         joint_samples: int = 1000, ranks: Ranks = SINGLE) -> dict:
@@ -110,19 +98,23 @@ def attribute_coherence(model, images, captions, truth: dict[str, np.ndarray], c
             x = as_float_images(images[start:start + batch_size]).to(device)
             c = torch.as_tensor(np.asarray(captions[start:start + batch_size])).long().to(device)
             t = {a: truth[a][start:start + batch_size] for a in ATTRIBUTES}
-            z_img, z_cap = _sample(image_expert, x, generator), _sample(caption_expert, c, generator)
-            scores = {
-                "cross_image_to_caption": caption_attributes(_caption_ids(_decode(caption_expert, z_img)), itos, eos),
-                "cross_caption_to_image": _image_attributes(classifiers, _decode(image_expert, z_cap).cpu()),
-                "self_caption": caption_attributes(_caption_ids(_decode(caption_expert, z_cap)), itos, eos),
-                "self_image": _image_attributes(classifiers, _decode(image_expert, z_img).cpu()),
-            }
+            z_img = posterior_sample(image_expert, x, generator)
+            z_cap = posterior_sample(caption_expert, c, generator)
+
+            def said(z):  # attributes named by the caption decoded from z
+                return caption_attributes(token_ids(decode_mean(caption_expert, z)), itos, eos)
+
+            def shown(z):  # attributes the classifiers see in the image decoded from z
+                return _image_attributes(classifiers, decode_mean(image_expert, z).cpu())
+
+            scores = {"cross_image_to_caption": said(z_img), "cross_caption_to_image": shown(z_cap),
+                      "self_caption": said(z_cap), "self_image": shown(z_img)}
             rows[index] = {f"{key}_{k}": v for key, pred in scores.items() for k, v in _hits(pred, t).items()}
         joint_rows: dict[int, dict[str, float]] = {}
         for index, start in ranks.mine(range(0, joint_samples, batch_size)):
             generator = batch_generator(seed, index, device, stream=STREAM + 1)
             means = model.generate(min(batch_size, joint_samples - start), generator)
-            said = caption_attributes(_caption_ids(means[names.index("caption")]), itos, eos)
+            said = caption_attributes(token_ids(means[names.index("caption")]), itos, eos)
             shown = _image_attributes(classifiers, means[names.index("image")].cpu())
             joint_rows[index] = {f"joint_{k}": v for k, v in _hits(said, shown).items()}
     values = {k: v / n for k, v in sum_in_order(ranks.gather_by_index(rows)).items()} if n else {}

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from mmvae.data.writer import sha256_file
-from mmvae.eval import eval_mode, text
+from mmvae.eval import decode_mean, eval_mode, posterior_sample, text
 from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches, sum_in_order
 
 CCA_K = 40
@@ -310,16 +310,6 @@ def _experts(model) -> tuple[int, int]:
     return names.index("feature"), names.index("caption")
 
 
-def _decode_mean(expert, z: torch.Tensor) -> torch.Tensor:
-    return expert.likelihood.mean(expert.decode(z))
-
-
-def _posterior_sample(expert, x: torch.Tensor, generator) -> torch.Tensor:
-    loc, scale = expert.posterior(x)
-    eps = expert.posterior_family.noise(loc.shape, generator, loc.device)
-    return expert.posterior_family.reparam(loc, scale, eps)  # (B, D): one sample per pair
-
-
 def cca_coherence(model, batches: Iterable, cca: CaptionCCA, *, seed: int = 0,
                   max_datapoints: int | None = None, ranks: Ranks = SINGLE) -> dict:
     """Ground-truth and cross CCA correlations over paired test batches.
@@ -338,10 +328,10 @@ def cca_coherence(model, batches: Iterable, cca: CaptionCCA, *, seed: int = 0,
             if ranks.owns(index):
                 generator = batch_generator(seed, index, device, stream=STREAM)
                 feats, caps = xs[f].to(device), xs[c].to(device)
-                z_feat = _posterior_sample(experts[f], feats, generator)
-                z_cap = _posterior_sample(experts[c], caps, generator)
-                captions = token_ids(_decode_mean(experts[c], z_feat))
-                features = _numpy(_decode_mean(experts[f], z_cap))
+                z_feat = posterior_sample(experts[f], feats, generator)
+                z_cap = posterior_sample(experts[c], caps, generator)
+                captions = token_ids(decode_mean(experts[c], z_feat))
+                features = _numpy(decode_mean(experts[f], z_cap))
                 rows[index] = {
                     "ground_truth": cca.correlation(_numpy(feats), _ids(caps)).sum(),
                     "cross_feature_to_caption": cca.correlation(_numpy(feats), captions).sum(),

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmvae.data.recipes.pairing import pair_by_class
-from mmvae.eval import eval_mode
+from mmvae.eval import decode_mean, eval_mode, posterior_sample
 from mmvae.eval.classifiers import as_float_images, predict
 from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches
 
@@ -85,11 +85,9 @@ def _correct(model, xs, labels, classifiers, generator) -> torch.Tensor:
     device = model.prior_params()[0].device
     correct = torch.zeros(len(names), len(names), dtype=torch.long)
     for e, (enc, x) in enumerate(zip(experts, xs)):
-        loc, scale = enc.posterior(x.to(device))
-        eps = enc.posterior_family.noise(loc.shape, generator, device)
-        z = enc.posterior_family.reparam(loc, scale, eps)  # (B, D): one sample per pair
+        z = posterior_sample(enc, x.to(device), generator)  # (B, D): one sample per pair
         for d, dec in enumerate(experts):
-            mean = dec.likelihood.mean(dec.decode(z)).float()
+            mean = decode_mean(dec, z).float()
             correct[e, d] += (predict(classifiers[names[d]], mean) == labels.cpu()).sum()
     return correct
 
