@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from mmvae.config import Config, EvalConfig, _apply, load_config, validate
+from mmvae.config import PERIODIC_METRICS, Config, EvalConfig, _apply, load_config, validate
 from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
@@ -302,7 +302,7 @@ METRICS: dict[str, Callable[[EvalContext], dict]] = {
 }
 NEEDS_LABELS = ("coherence", "latent")
 # Computed by every process on its share of the batches; the others run on the main process.
-SHARDED = ("likelihood", "coherence", "cca", "attributes")
+SHARDED = PERIODIC_METRICS  # also what the trainer may run every train.eval_every epochs
 
 
 def inapplicable(name: str, ctx: EvalContext) -> str | None:

@@ -120,3 +120,28 @@ def unique_digits(tmp_path_factory, digits28):
         np.savez(folder / f"unique_{split}.npz", mnist=mnist[sl], mnist_labels=y[sl].numpy(),
                  svhn=svhn[sl], svhn_labels=y[sl].numpy())
     return folder
+
+
+@pytest.fixture
+def make_shapes_run(tmp_path):
+    """make_shapes_run(test_scenes) -> (run folder, shards): tiny shapes_simple shards (30 train
+    scenes) and an untrained cubIS (D=4) saved as a run folder that evaluates them."""
+    import json
+
+    import mmvae
+    from mmvae.config import load_config, save_config
+    from mmvae.data import builtin
+
+    def make(test_scenes: int):
+        shards, run = tmp_path / "shapes", tmp_path / "run"
+        builtin.BUILTINS["shapes_simple"](shards, train_scenes=30, test_scenes=test_scenes,
+                                          min_shards=2, progress=False)
+        vocab = len(json.loads((shards / "vocab.json").read_text())["itos"])
+        torch.manual_seed(0)
+        run.mkdir()
+        save_config(load_config(None, ["model.name=cubIS", "model.latent_dim=4", f"model.vocab_size={vocab}",
+                                       f"data.shards={shards}", "logging.progress=false"]), run / "config.yaml")
+        mmvae.save_model(mmvae.build_model("cubIS", latent_dim=4, vocab_size=vocab), run / "model")
+        return run, shards
+
+    return make

@@ -135,19 +135,11 @@ def test_cubISft_cca_and_likelihood_two_processes_equal_one(tmp_path):
     assert two["metrics"]["cca"]["num_pairs"] == 90 and two["metrics"]["likelihood"]["num_datapoints"] == 90
 
 
-def test_shapes_attributes_two_processes_equal_one(tmp_path):
+def test_shapes_attributes_two_processes_equal_one(make_shapes_run):
     """cubIS on tiny shapes_simple shards: 40 test scenes in 5 batches of 8 (ranks get 3 and 2)
     and 20 prior samples in 3 chunks; the colour/shape classifiers are trained by the main
     process while the other waits."""
-    from mmvae.data import builtin
-
-    shards = tmp_path / "shapes"
-    builtin.BUILTINS["shapes_simple"](shards, train_scenes=30, test_scenes=40, min_shards=2, progress=False)
-    vocab = len(json.loads((shards / "vocab.json").read_text())["itos"])
-    torch.manual_seed(0)
-    run = make_run(tmp_path / "run", mmvae.build_model("cubIS", latent_dim=4, vocab_size=vocab),
-                   ["model.name=cubIS", "model.latent_dim=4", f"model.vocab_size={vocab}",
-                    f"data.shards={shards}"])
+    run, shards = make_shapes_run(test_scenes=40)
     overrides = ["eval.batch_size=8", "eval.coherence_samples=20", "eval.classifier_epochs=1"]
     two, _ = evaluate_two_processes(run, ["attributes"], overrides)
     assert (shards / "classifiers" / "image-colour.pt").is_file()

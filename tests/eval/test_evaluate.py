@@ -133,17 +133,9 @@ def test_digits_run_end_to_end(tmp_path):
     assert shards_pairs["metrics"]["coherence"]["test_pairs"].startswith("duplicated")
 
 
-def test_shapes_run_attributes_end_to_end(tmp_path, toy_run):
+def test_shapes_run_attributes_end_to_end(make_shapes_run, toy_run):
     """Real shapes_simple shards, an untrained cubIS: attribute coherence and caption pictures."""
-    from mmvae.data import builtin
-
-    shards = tmp_path / "shapes"
-    builtin.BUILTINS["shapes_simple"](shards, train_scenes=30, test_scenes=12, min_shards=2, progress=False)
-    vocab = len(json.loads((shards / "vocab.json").read_text())["itos"])
-    torch.manual_seed(0)
-    run = make_run(tmp_path / "run", mmvae.build_model("cubIS", latent_dim=4, vocab_size=vocab),
-                   ["model.name=cubIS", "model.latent_dim=4", f"model.vocab_size={vocab}",
-                    f"data.shards={shards}", "logging.progress=false"])
+    run, shards = make_shapes_run(test_scenes=12)
     out = evaluate_run(run, ["attributes", "pictures"], classifier_epochs=1, coherence_samples=20,
                        embedding="pca", plot_batch=8, batch_size=5)
     m = out["metrics"]["attributes"]
