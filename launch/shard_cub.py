@@ -4,7 +4,9 @@
     python launch/shard_cub.py --cub data/cub --out shards/cub_ft \\
         --features resnet101 --weights data/weights/resnet101-63fe2227.pth          # cubISft
 
---weights (or --random-weights, for tests) implies --features resnet101."""
+--weights (or --random-weights, for tests) implies --features resnet101. --download DIR fetches
+cub.zip into DIR and extracts it safely (and, with --features and no --weights, the ResNet-101
+weights into DIR/weights) first: docs/data.md."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +25,8 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     parser = _Parser(prog="shard_cub.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cub", required=True, help="CUB folder (train/, test/, text_*.txt)")
+    parser.add_argument("--cub", help="CUB folder (train/, test/, text_*.txt)")
+    parser.add_argument("--download", metavar="DIR", help="download and extract cub.zip into DIR first")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--features", choices=["resnet101"], help="add 2048-d ResNet-101 features (cubISft)")
     weights = parser.add_mutually_exclusive_group()
@@ -41,12 +44,20 @@ def main(argv=None) -> int:
         parser.error("--min-shards, --batch-size must be >= 1, --workers >= 0, --shard-size-mb > 0")
     if (args.weights or args.random_weights) and not args.features:
         args.features = "resnet101"
+    if not args.cub and not args.download:
+        parser.error("give --cub DIR or --download DIR")
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub
 
     start = time.perf_counter()
     try:
+        if args.download:
+            from mmvae.data.sources import fetch_cub, fetch_resnet101
+
+            args.cub = fetch_cub(args.download)
+            if args.features and not (args.weights or args.random_weights):
+                args.weights = fetch_resnet101(Path(args.download) / "weights")
         manifest = build_cub(args.cub, args.out, features=args.features, weights=args.weights,
                              random_weights=args.random_weights, imagenet_norm=args.imagenet_norm, seed=args.seed,
                              shard_size_mb=args.shard_size_mb, min_shards=args.min_shards, workers=args.workers,

@@ -4,7 +4,8 @@
 
 --mnist DIR holds train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-... (or
 DIR/MNIST/raw/ as torchvision leaves it); --svhn DIR holds train_32x32.mat and test_32x32.mat.
---pairs-per-instance: 20 as the paper's text (its code used 30)."""
+--pairs-per-instance: 20 as the paper's text (its code used 30). --download DIR fetches the
+published files into DIR/mnist and DIR/svhn first (resumed, checksums checked: docs/data.md)."""
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ class _Parser(argparse.ArgumentParser):
 def main(argv=None) -> int:
     parser = _Parser(prog="shard_mnist_svhn.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mnist", required=True, help="folder with the MNIST idx files")
-    parser.add_argument("--svhn", required=True, help="folder with train_32x32.mat, test_32x32.mat")
+    parser.add_argument("--mnist", help="folder with the MNIST idx files")
+    parser.add_argument("--svhn", help="folder with train_32x32.mat, test_32x32.mat")
+    parser.add_argument("--download", metavar="DIR", help="download MNIST and SVHN into DIR first")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--pairs-per-instance", type=int, default=20, help="dm (paper text 20, code 30)")
     parser.add_argument("--seed", type=int, default=0)
@@ -34,12 +36,18 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.pairs_per_instance < 1 or args.max_per_class < 1 or args.min_shards < 1 or args.shard_size_mb <= 0:
         parser.error("--pairs-per-instance, --max-per-class, --min-shards must be >= 1 and --shard-size-mb > 0")
+    if not args.download and not (args.mnist and args.svhn):
+        parser.error("give --mnist DIR and --svhn DIR, or --download DIR")
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
 
     start = time.perf_counter()
     try:
+        if args.download:
+            from mmvae.data.sources import fetch_mnist_svhn
+
+            args.mnist, args.svhn = fetch_mnist_svhn(args.download)
         manifest = build_mnist_svhn(args.mnist, args.svhn, args.out, seed=args.seed,
                                     pairs_per_instance=args.pairs_per_instance, max_per_class=args.max_per_class,
                                     shard_size_mb=args.shard_size_mb, min_shards=args.min_shards)
