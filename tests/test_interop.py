@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -103,7 +104,8 @@ PAPER = {  # model -> (names and shapes, sub-VAE priors shared with the MMVAE's?
 
 
 def paper_state(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Distinct random values for every tensor, tied and shared as the paper's modules are."""
+    """Distinct random values for every tensor, tied and shared as the paper's modules are; an
+    OrderedDict with `_metadata`, as `state_dict()` returns."""
     spec, shared = PAPER[model]
     gen = torch.Generator().manual_seed(seed)
     state = {}
@@ -119,6 +121,8 @@ def paper_state(model: str, seed: int = 0) -> dict[str, torch.Tensor]:
     if shared:  # the sub-VAEs hold the MMVAE's ParameterList
         for key in [k for k in state if k.startswith("vaes.") and "_pz_params" in k]:
             state[key] = state[key.split(".", 2)[2]]
+    state = OrderedDict(state)
+    state._metadata = OrderedDict({"": {"version": 1}})
     return state
 
 

@@ -262,14 +262,17 @@ def import_paper_model(path, run_dir, *, shards: str | None = None) -> dict:
         folder = find_paper_folder(path, Path(scratch))
         args, paper = read_args(folder / ARGS_FILE), read_state(folder / MODEL_FILE)
         sources = {f: _sha256(folder / f) for f in (MODEL_FILE, ARGS_FILE)}
-    cfg, notes = config_from_args(args, vocab_size=_vocab_size(getattr(args, "model", ""), paper)
-                                  if getattr(args, "model", "") in names.MODELS else 0,
-                                  shards=shards, run_dir=str(run_dir))
+    paper_model = getattr(args, "model", None)
+    if paper_model not in names.MODELS:
+        raise InteropError(f"args.rar: model {paper_model!r} cannot be imported; importable: "
+                           f"{', '.join(names.MODELS)}")
+    cfg, notes = config_from_args(args, vocab_size=_vocab_size(paper_model, paper), shards=shards,
+                                  run_dir=str(run_dir))
     kwargs = dataclasses.asdict(cfg.model)
     model = build_model(kwargs.pop("name"), **kwargs)
-    model.load_state_dict(state_from_paper(model, args.model, paper,
+    model.load_state_dict(state_from_paper(model, paper_model, paper,
                                            num_hidden_layers=cfg.model.num_hidden_layers))
-    record = {"source": str(path), "paper_model": args.model, "sha256": sources,
+    record = {"source": str(path), "paper_model": paper_model, "sha256": sources,
               "tensors": len(paper), "flags": notes, "paper_args": _jsonable(vars(args))}
     _write_run(run_dir, cfg, model, record)
     return record

@@ -270,3 +270,30 @@ def test_shard_launchers_without_network_exit_2_with_one_line(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1
     assert f"cannot reach http://127.0.0.1:{port}/cub.zip" in err and "copy it to" in err
+
+
+def test_import_paper_model_download_fetches_and_imports_a_released_zip(server, tmp_path, monkeypatch):
+    """A paper-format zip (written by --export of a tiny model of ours) served as the released
+    mnist-svhn.zip; --download fetches it, records its sha256, and imports it."""
+    import torch
+
+    import mmvae
+    from mmvae.config import load_config, save_config
+    from mmvae.interop import export_paper_model
+
+    run = tmp_path / "ours"
+    run.mkdir()
+    save_config(load_config(None, ["model.latent_dim=3"]), run / "config.yaml")
+    torch.manual_seed(0)
+    model = mmvae.build_model("mnist_svhn", latent_dim=3)
+    mmvae.save_model(model, run / "model")
+    folder = export_paper_model(run, tmp_path / "paper")
+    server.files["mnist-svhn.zip"] = _zip({f"mnist-svhn/{f.name}": f.read_bytes() for f in folder.iterdir()})
+    monkeypatch.setenv(download.BASE_ENV, f"{server.url}/files")
+    out = tmp_path / "imported"
+    main = _launcher("import_paper_model")
+    assert main(["mnist-svhn", "--download", str(tmp_path / "pre"), "--out", str(out)]) == 0
+    assert (tmp_path / "pre" / "mnist-svhn.zip.sha256").is_file()
+    imported = mmvae.load_model(out).state_dict()
+    assert all(torch.equal(v, imported[k]) for k, v in model.state_dict().items())
+    assert main(["nope", "--download", str(tmp_path / "pre"), "--out", str(tmp_path / "x")]) == 2
