@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import pickle
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mmvae.config import Config, ConfigError, from_dict, save_config, to_dict
+from mmvae.data.download import file_digest
 from mmvae.interop import names
 from mmvae.registry import build_model, save_model
 
@@ -248,10 +248,6 @@ def state_to_paper(model: torch.nn.Module, paper_model: str, *,
 
 # --- run folders ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def import_paper_model(path, run_dir, *, shards: str | None = None) -> dict:
     """Turn a paper model folder or zip into the run folder `run_dir` (module docstring);
     returns the import record (also written to RUN_DIR/import.json)."""
@@ -261,7 +257,7 @@ def import_paper_model(path, run_dir, *, shards: str | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="paper-model-") as scratch:
         folder = find_paper_folder(path, Path(scratch))
         args, paper = read_args(folder / ARGS_FILE), read_state(folder / MODEL_FILE)
-        sources = {f: _sha256(folder / f) for f in (MODEL_FILE, ARGS_FILE)}
+        sources = {f: file_digest(folder / f, "sha256") for f in (MODEL_FILE, ARGS_FILE)}
     paper_model = getattr(args, "model", None)
     if paper_model not in names.MODELS:
         raise InteropError(f"args.rar: model {paper_model!r} cannot be imported; importable: "
