@@ -12,7 +12,7 @@ from torch import nn
 from mmvae import objectives
 from mmvae.config import Config
 from mmvae.parallel import backward_objective, normalisers, shard_noise
-from mmvae.train.dist import any_rank
+from mmvae.train.dist import any_rank, autocast
 
 
 class ObjectiveModule(nn.Module):
@@ -51,8 +51,11 @@ def batch_inputs(batch: dict, modalities: list[str], device) -> list[torch.Tenso
 def train_step(ctx, batch: dict) -> dict:
     """Forward, backward (chunked / sharded as configured) and an optimiser step.
 
-    Returns {"loss", "bound", "grad_norm", "skipped"}; a non-finite loss or gradient skips the
-    update (the caller counts and stops on too many in a row).
+    Returns {"loss", "bound", "grad_norm", "skipped", "overflow"}. A non-finite loss or gradient
+    skips the update on every rank (the caller counts and stops on too many in a row). Under a
+    grad scaler (fp16) the scaler still sees the step: its `step` skips the update and `update`
+    lowers the scale (without it the next `unscale_` raises); a finite loss with non-finite
+    gradients is then an `overflow`, routine under fp16 and not a bad step.
     """
     cfg, model, acc, layout = ctx.cfg, ctx.model, ctx.accelerator, ctx.layout
     xs = batch_inputs(batch, model.modalities, acc.device)
@@ -71,7 +74,7 @@ def train_step(ctx, batch: dict) -> dict:
         return ctx.wrapped(xs_, eps, reducer)
 
     ctx.optimizer.zero_grad(set_to_none=True)
-    with acc.autocast():
+    with autocast(acc):
         if cfg.objective.name == "elbo":
             value = ctx.wrapped(xs, eps)
             acc.backward(-value.mean())
@@ -88,14 +91,14 @@ def train_step(ctx, batch: dict) -> dict:
     # backward, and this returns None: only the loss can be checked here.
     norm = acc.clip_grad_norm_(ctx.params, max_norm)
     grad_norm = float(norm) if norm is not None else float("nan")
-    finite = bool(torch.isfinite(bound)) and (norm is None or np.isfinite(grad_norm))
-    skipped = any_rank(not finite, acc)
+    bad_loss = any_rank(not bool(torch.isfinite(bound)), acc)
+    skipped = any_rank(bad_loss or (norm is not None and not np.isfinite(grad_norm)), acc)
     if skipped:
-        ctx.optimizer.zero_grad(set_to_none=True)
-    else:
+        ctx.optimizer.zero_grad(set_to_none=True)  # with no gradients, no parameter moves
+    if not skipped or acc.scaler is not None:
         ctx.optimizer.step()
     return {"loss": -float(bound), "bound": float(bound), "grad_norm": grad_norm,
-            "skipped": skipped}
+            "skipped": skipped, "overflow": skipped and not bad_loss and acc.scaler is not None}
 
 
 @torch.no_grad()
