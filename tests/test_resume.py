@@ -44,7 +44,8 @@ def train_main(argv: list[str]) -> int:
 def clean_env():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="300")
+    env.update(WANDB_MODE="disabled", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), COLUMNS="300",
+               DS_ACCELERATOR="cpu")
     return env
 
 
@@ -57,8 +58,16 @@ def train_cmd(nproc: int, *args) -> list[str]:
     return [*launcher, str(ROOT / "launch" / "train.py"), "--config", str(DEMO), *args]
 
 
-def run_training(nproc: int, *args) -> subprocess.CompletedProcess:
-    proc = subprocess.run(train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
+def deepspeed_cmd(*args) -> list[str]:
+    """One CPU process through accelerate's DeepSpeed plugin (ZeRO-2)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "1",
+            "--main_process_port", "0", str(ROOT / "launch" / "train.py"), "--config", str(DEMO),
+            *args]
+
+
+def run_training(nproc: int, *args, cmd=None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd or train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -77,11 +86,11 @@ def last_event_step(run_dir: Path) -> int:
         return -1
 
 
-def kill_after_checkpoint(nproc: int, run_dir: Path, step: int, *args) -> int:
+def kill_after_checkpoint(nproc: int, run_dir: Path, step: int, *args, cmd=None) -> int:
     """Start a run; SIGKILL its whole process tree (launcher and ranks, as a node failure would)
     once `latest` names a checkpoint at `step` or later and metrics.jsonl already holds a step
     past it (which the resumed run must not repeat). Returns the checkpoint's step."""
-    proc = subprocess.Popen(train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
+    proc = subprocess.Popen(cmd or train_cmd(nproc, *args), cwd=ROOT, env=clean_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + TIMEOUT
     try:
@@ -163,6 +172,32 @@ def test_killed_and_resumed_run_matches_on_two_processes(shards, tmp_path):
         torch.testing.assert_close(got_w[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_killed_and_resumed_deepspeed_zero2_run_is_exact(shards, tmp_path, precision):
+    """ZeRO-2 through accelerate (one CPU process; ops JIT-compile on first use): the engine
+    saves and loads its own shards through accelerator.save_state/load_state. Under bf16 the
+    engine holds bf16 weights (accelerate's autocast does nothing there; the trainer's autocast
+    casts the fp32 inputs, noise and latents at each layer) and the final model holds the fp32
+    master weights. Same events and weights as an uninterrupted run."""
+    steps = ["train.max_steps=5", "train.checkpoint_every=2",
+             *(["train.mixed_precision=bf16"] if precision == "bf16" else [])]
+    reference = tmp_path / "ref"
+    run_training(1, cmd=deepspeed_cmd(*overrides(shards, reference, *steps)))
+    run_dir = tmp_path / "run"
+    args = overrides(shards, run_dir, *steps)
+    resumed_at = kill_after_checkpoint(1, run_dir, 2, cmd=deepspeed_cmd(*args))
+    assert 2 <= resumed_at < 5
+    assert (run_dir / "checkpoints" / f"{resumed_at:09d}" / "pytorch_model").is_dir()
+    proc = run_training(1, cmd=deepspeed_cmd("--resume", "auto", *args))
+    assert f"resuming from {run_dir / 'checkpoints'}" in proc.stderr
+    assert events(run_dir) == events(reference)
+    want, got = weights(reference), weights(run_dir)
+    for name, value in want.items():
+        assert value.dtype == torch.float32 and torch.equal(got[name], value), name
+    if precision == "bf16":  # fp32 masters, not the engine's bf16 copies
+        assert any((v != v.bfloat16().float()).any() for v in want.values())
+
+
 def test_checkpoint_of_another_model_names_the_mismatch(shards, reference, tmp_path, capsys):
     code = train_main(["--config", str(DEMO), "--resume", str(reference),
                        *overrides(shards, reference, "model.latent_dim=6")])
@@ -204,7 +239,7 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_with_one_warni
     """A truncated file in checkpoint 4 and a write that never finished in 3: the run resumes
     from 2, says once which it skipped and why, and writes steps 3.. again, each once."""
     run_dir = copy_run(four_steps, tmp_path)
-    model_file = checkpoint(run_dir, 4) / "model.safetensors"
+    model_file = checkpoint(run_dir, 4) / "pytorch_model.bin"
     os.truncate(model_file, model_file.stat().st_size // 2)
     (checkpoint(run_dir, 3) / "meta.json").unlink()
     code = train_main(["--config", str(DEMO), "--resume", "auto",
@@ -213,7 +248,7 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_with_one_warni
     err = capsys.readouterr().err
     warnings_ = [line for line in err.splitlines() if "skipped" in line]
     assert len(warnings_) == 1, err
-    assert "000000004 (model.safetensors truncated" in warnings_[0]
+    assert "000000004 (pytorch_model.bin truncated" in warnings_[0]
     assert "000000003 (meta.json missing" in warnings_[0]
     assert "resuming from 000000002" in warnings_[0]
     assert f"resuming from {checkpoint(run_dir, 2)} (step 2" in err
@@ -280,7 +315,7 @@ def test_a_damaged_checkpoint_file_is_a_one_line_error(shards, four_steps, tmp_p
                        *overrides(shards, run_dir)])
     err = one_line_error(capsys)
     assert code == 2 and "not a usable checkpoint (optimizer.bin truncated (100 of" in err
-    model_file = checkpoint(run_dir, 3) / "model.safetensors"
+    model_file = checkpoint(run_dir, 3) / "pytorch_model.bin"
     model_file.write_bytes(b"\xff" * model_file.stat().st_size)
     code = train_main(["--config", str(DEMO), "--resume", str(checkpoint(run_dir, 3)),
                        *overrides(shards, run_dir)])
@@ -375,7 +410,7 @@ def test_failed_checkpoint_writes_keep_the_previous_one(shards, tmp_path, monkey
     assert ckpt.latest(root) == root / "000000002"
     assert (root / "latest").read_text().strip() == "000000002"
     meta = ckpt.read_meta(root / "000000002")
-    assert meta["step"] == 2 and {"model.safetensors", "optimizer.bin"} <= set(meta["files"])
+    assert meta["step"] == 2 and {"pytorch_model.bin", "optimizer.bin"} <= set(meta["files"])
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     summary = json.loads((run_dir / "summary.json").read_text())
     # steps 3 and 4, and the end-of-run save, which tries step 4 again
@@ -416,6 +451,55 @@ def test_non_finite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(
         for name, value in good.items():
             assert torch.equal(kept[name], value) and torch.isfinite(value).all(), name
     assert "update skipped (3 in a row of at most 3" in capsys.readouterr().err
+
+
+def test_fp16_overflow_steps_are_counted_apart_and_the_scaler_is_checkpointed(
+        shards, tmp_path, monkeypatch):
+    """fp16 as accelerate sets it up on a GPU (a GradScaler; torch's CPU one here) and infinite
+    gradients at steps 2 and 3: both are skipped as overflows, not bad steps (max_bad_steps=1
+    would stop the run otherwise), the scale halves each time and is in the checkpoint, and a
+    resumed run carries on from it."""
+    from mmvae.train import loop
+
+    real_accelerator, real_step = loop.make_accelerator, loop.train_step
+
+    def fp16_accelerator(cfg):
+        acc = real_accelerator(cfg)
+        acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=1.0)
+        return acc
+
+    def overflow_at_2_and_3(run, batch):
+        hooks = [p.register_hook(lambda g: g * float("inf")) for p in run.params[:1]
+                 if run.step + 1 in (2, 3)]
+        try:
+            return real_step(run, batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    monkeypatch.setattr(loop, "make_accelerator", fp16_accelerator)
+    monkeypatch.setattr(loop, "train_step", overflow_at_2_and_3)
+    args = ["train.max_steps=4", "train.max_bad_steps=1", "train.mixed_precision=fp16",
+            "train.keep_last=4"]
+    run_dir, status = _fit(args, shards, tmp_path / "run")
+    assert status == "done"
+    train = [e for e in events(run_dir) if e["split"] == "train"]
+    assert [e["skipped"] for e in train] == [False, True, True, False]
+    assert [e["overflow_steps"] for e in train] == [0, 1, 2, 2]
+    assert [e["bad_steps"] for e in train] == [0, 0, 0, 0]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["overflow_steps"] == 2 and summary["bad_steps"] == 0
+    root = run_dir / "checkpoints"
+    scales = [torch.load(root / f"{s:09d}" / "scaler.pt", weights_only=True)["scale"]
+              for s in (1, 2, 3, 4)]
+    assert scales == [1.0, 0.5, 0.25, 0.25]
+    (run_dir / "summary.json").unlink()
+    from mmvae.train.loop import fit
+
+    fit(load_config(DEMO, overrides(shards, run_dir, *args[1:], "train.max_steps=5")),
+        resume="auto")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 5 and summary["overflow_steps"] == 2
 
 
 def test_training_stopped_exits_1_with_the_reason(shards, tmp_path, monkeypatch, capsys):

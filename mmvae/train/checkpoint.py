@@ -2,7 +2,7 @@
 they are resumed.
 
 Layout: RUN_DIR/checkpoints/<step>/ holds what `accelerator.save_state` writes -- the model
-(`model.safetensors`), the optimizer (`optimizer.bin`), the fp16 grad scaler (`scaler.pt`), every
+(`pytorch_model.bin`), the optimizer (`optimizer.bin`), the fp16 grad scaler (`scaler.pt`), every
 rank's generators (`random_states_<rank>.pkl`) and the registered `TrainState`
 (`custom_checkpoint_0.pkl`); under DeepSpeed the engine's own per-rank shards of model and
 optimizer (`pytorch_model/`) instead of the first two -- and `meta.json`, written last, which
@@ -22,8 +22,11 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 LATEST = "latest"
 META = "meta.json"
+MODEL_FILE = "pytorch_model.bin"  # accelerate's name without safetensors (see loop.save_checkpoint)
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -127,6 +130,4 @@ def latest(ckpt_root: Path) -> Path | None:
 def model_state(path: Path) -> dict:
     """The model's parameters in a checkpoint written without DeepSpeed (keys of the trained
     module, e.g. `model.enc.0.weight`); for tools and tests."""
-    from safetensors.torch import load_file
-
-    return load_file(str(path / "model.safetensors"))
+    return torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)

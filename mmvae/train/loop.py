@@ -242,7 +242,7 @@ def _load(accelerator, path: Path) -> None:
     is a one-line error."""
     try:
         accelerator.load_state(str(path))
-    except Exception as err:  # noqa: BLE001 - torch, safetensors and pickle raise many kinds
+    except Exception as err:  # noqa: BLE001 - torch.load and pickle raise many kinds
         reason = (str(err).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason});"
                           f" resume an earlier one with --resume {path.parent}/<step>") from None
@@ -294,7 +294,11 @@ def save_checkpoint(run: Run) -> bool:
     if run.layout.is_main:
         ckpt.discard(root, state.step)  # leftovers of a write that crashed at this step
     acc.wait_for_everyone()
-    error = _attempt(acc.save_state, str(ckpt.tmp_dir(root, state.step)))
+    # torch.save rather than safetensors, which drops one of every pair of shared tensors (the
+    # MMVAE's prior) with a warning per save; everything but the TrainState (plain ints) then
+    # loads with weights_only=True.
+    error = _attempt(lambda: acc.save_state(str(ckpt.tmp_dir(root, state.step)),
+                                            safe_serialization=False))
     if not any_rank(error is not None, acc) and run.layout.is_main:
         error = _attempt(_commit, run, root)
     if not any_rank(error is not None, acc):
@@ -535,6 +539,7 @@ def _finish(run: Run, seconds: float, steps: int) -> None:
         session.history["test"] = test_epoch(run)
     if cfg.train.eval_every and session.history.get("eval", {}).get("step") != state.step:
         eval_epoch(run)
+    _fp32_masters(run)
     if run.layout.is_main:
         save_model(run.model, run.run_dir / "model")
         samples = steps * cfg.data.batch_size * run.layout.dp_size
@@ -546,3 +551,20 @@ def _finish(run: Run, seconds: float, steps: int) -> None:
                    "test": session.history.get("test"), "eval": session.history.get("eval")}
         (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     run.accelerator.wait_for_everyone()
+
+
+def _fp32_masters(run: Run) -> None:
+    """Under DeepSpeed with bf16/fp16 the module holds low-precision copies of the parameters and
+    the fp32 masters live in the optimizer (sharded under ZeRO): put those into the model before
+    it is saved as the run's model. Every rank takes part (the shards are gathered)."""
+    acc = run.accelerator
+    if acc.state.deepspeed_plugin is None or str(acc.mixed_precision) not in ("bf16", "fp16"):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {name: safe_get_full_fp32_param(p) for name, p in run.model.named_parameters()}
+    run.model.float()
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if masters[name] is not None:
+                p.copy_(masters[name])
