@@ -175,7 +175,6 @@ def _model_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
-
 def setup(cfg: Config, resume: str | None = None) -> Run:
     """Everything `fit` needs; a failed start releases the Accelerator, so that a corrected
     config can run in the same process."""
@@ -253,7 +252,7 @@ def _checkpoint_plain_keys(accelerator) -> None:
     so a checkpoint resumes under another number of processes. (DeepSpeed saves its engine's
     module itself; these lists are then empty.)"""
     def on_save(models, weights, output_dir):
-        weights[:] = [accelerator.get_state_dict(m, unwrap=True) for m in models][:len(weights)]
+        weights[:] = [accelerator.get_state_dict(m, unwrap=True) for m, _ in zip(models, weights)]
 
     def on_load(models, input_dir):
         models[:] = [accelerator.unwrap_model(m) for m in models]

@@ -87,18 +87,33 @@ def train_step(ctx, batch: dict) -> dict:
                                        loss_scale=layout.particle_shards, backward=backward)
     bound = value.mean()
     max_norm = cfg.train.grad_clip or float("inf")
-    # Under DeepSpeed the engine clips (its config's gradient_clipping) and steps inside
-    # backward, and this returns None: only the loss can be checked here.
+    # Under DeepSpeed the engine clips (its config's gradient_clipping) and this returns the norm
+    # of the step it took (or None).
     norm = acc.clip_grad_norm_(ctx.params, max_norm)
     grad_norm = float(norm) if norm is not None else float("nan")
-    bad_loss = any_rank(not bool(torch.isfinite(bound)), acc)
-    skipped = any_rank(bad_loss or (norm is not None and not np.isfinite(grad_norm)), acc)
+    skipped, overflow = _update(ctx, bool(torch.isfinite(bound)),
+                                norm is None or bool(np.isfinite(grad_norm)))
+    return {"loss": -float(bound), "bound": float(bound), "grad_norm": grad_norm,
+            "skipped": skipped, "overflow": overflow}
+
+
+def _update(ctx, finite_loss: bool, finite_grad: bool) -> tuple[bool, bool]:
+    """Step the optimizer unless any rank has a non-finite loss or gradient; (skipped, overflow).
+    The grad scaler (fp16) sees every step: on an overflow its `step` skips the update and its
+    `update` lowers the scale. Under DeepSpeed the engine has already stepped inside backward
+    (skipping an fp16 overflow itself); only the report is left to do."""
+    acc = ctx.accelerator
+    bad_loss = any_rank(not finite_loss, acc)
+    engine = getattr(acc, "deepspeed_engine_wrapped", None)
+    if engine is not None:
+        overflow = not bad_loss and not engine.engine.was_step_applied()
+        return bad_loss or overflow, overflow
+    skipped = any_rank(bad_loss or not finite_grad, acc)
     if skipped:
         ctx.optimizer.zero_grad(set_to_none=True)  # with no gradients, no parameter moves
     if not skipped or acc.scaler is not None:
         ctx.optimizer.step()
-    return {"loss": -float(bound), "bound": float(bound), "grad_norm": grad_norm,
-            "skipped": skipped, "overflow": skipped and not bad_loss and acc.scaler is not None}
+    return skipped, skipped and not bad_loss and acc.scaler is not None
 
 
 @torch.no_grad()
