@@ -1,6 +1,8 @@
 """Exact resume and the trainer's guards: SIGKILL + `--resume auto` equals an uninterrupted run
-(bit-exact on one process, within float tolerance on two); checkpoints survive failed writes;
-non-finite steps are skipped and stop the run; bad run folders, mismatched checkpoints and W&B
+(bit-exact on one process, also under DeepSpeed ZeRO-2 in fp32 and bf16; within float tolerance
+on two); `--resume auto` falls back past damaged checkpoints and never starts over by accident;
+checkpoints survive failed writes; non-finite steps are skipped and stop the run, fp16 overflows
+are skipped by the grad scaler and counted apart; bad run folders, mismatched checkpoints and W&B
 trouble give clear messages instead of lost work."""
 import errno
 import importlib.util
@@ -252,7 +254,7 @@ def test_resume_auto_falls_back_to_the_newest_complete_checkpoint_with_one_warni
     assert "000000004 (pytorch_model.bin truncated" in warnings_[0]
     assert "000000003 (meta.json missing" in warnings_[0]
     assert "resuming from 000000002" in warnings_[0]
-    assert f"resuming from {checkpoint(run_dir, 2)} (step 2" in err
+    assert f"resuming from {checkpoint(run_dir, 2)} (step 2" in err.replace("\n", "")
     steps = [e["step"] for e in events(run_dir) if e["split"] == "train"]
     assert steps == [1, 2, 3, 4, 5, 6]
 
@@ -323,6 +325,18 @@ def test_a_damaged_checkpoint_file_is_a_one_line_error(shards, four_steps, tmp_p
     err = one_line_error(capsys)
     assert code == 2 and err.startswith(f"error: checkpoint {checkpoint(run_dir, 3)} cannot be "
                                         f"loaded (")
+
+
+def test_a_deepspeed_checkpoint_resumed_without_deepspeed_is_a_one_line_error(
+        shards, four_steps, tmp_path, capsys):
+    run_dir = copy_run(four_steps, tmp_path)
+    meta = json.loads((checkpoint(run_dir, 4) / "meta.json").read_text())
+    (checkpoint(run_dir, 4) / "meta.json").write_text(json.dumps({**meta, "deepspeed": True}))
+    code = train_main(["--config", str(DEMO), "--resume", "auto", *overrides(shards, run_dir)])
+    err = one_line_error(capsys)
+    assert code == 2 and err == (f"error: checkpoint {checkpoint(run_dir, 4)} was written with "
+                                 f"DeepSpeed on 1 process(es) and cannot be resumed without "
+                                 f"DeepSpeed on 1; launch as the run was launched")
 
 
 def test_usr1_during_start_up_is_held_until_the_trainer_can_checkpoint(shards, tmp_path):

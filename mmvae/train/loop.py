@@ -198,7 +198,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model.name, **_model_kwargs(cfg))
     _check_space(run_dir, model, cfg)
-    meta = _check_checkpoint(resume_from, model, cfg, layout) if resume_from else None
+    meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
     wrapped, optimizer = accelerator.prepare(wrapped, make_optimizer(model, cfg.train.lr))
     state = TrainState()
@@ -224,14 +224,21 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
                tracker=tracker, state=state, session=Session(saved_at=state.position))
 
 
-def _check_checkpoint(path: Path, model, cfg: Config, layout: Layout) -> dict:
-    """The checkpoint's meta.json, once it is known to be of this model."""
+def _check_checkpoint(path: Path, model, accelerator, layout: Layout) -> dict:
+    """The checkpoint's meta.json, once it is known to be of this model and loadable here:
+    DeepSpeed's shards are per rank, and need DeepSpeed and the same number of processes."""
     meta = ckpt.read_meta(path)
     if meta["model"] != model.spec:
         diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
                 if meta["model"].get(k) != v}
         raise ConfigError(f"checkpoint {path} is of another model: {diff} "
                           f"(checkpoint, config); resume with the run's config.yaml")
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if meta["deepspeed"] != deepspeed or (deepspeed and meta["world"] != layout.world):
+        written = f"{'with' if meta['deepspeed'] else 'without'} DeepSpeed on {meta['world']}"
+        raise ConfigError(f"checkpoint {path} was written {written} process(es) and cannot be "
+                          f"resumed {'with' if deepspeed else 'without'} DeepSpeed on "
+                          f"{layout.world}; launch as the run was launched")
     return meta
 
 
