@@ -327,6 +327,20 @@ def test_a_damaged_checkpoint_file_is_a_one_line_error(shards, four_steps, tmp_p
                                         f"loaded (")
 
 
+def test_resume_auto_without_run_dir_continues_the_newest_run_that_has_checkpoints(
+        shards, four_steps, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    old = Path(shutil.copytree(four_steps, tmp_path / "runs" / "exp" / "2026-01-01T00-00-00"))
+    (tmp_path / "runs" / "exp" / "2026-01-02T00-00-00" / "checkpoints").mkdir(parents=True)
+    args = [a for a in overrides(shards, old, "train.max_steps=5") if not a.startswith("run.dir")]
+    code = train_main(["--config", str(DEMO), "--resume", "auto", "run.experiment=exp", *args])
+    assert code == 0
+    assert f"done: {Path('runs/exp/2026-01-01T00-00-00')}" in capsys.readouterr().out
+    assert [e["step"] for e in events(old) if e["split"] == "train"] == [1, 2, 3, 4, 5]
+
+
 def test_a_deepspeed_checkpoint_resumed_without_deepspeed_is_a_one_line_error(
         shards, four_steps, tmp_path, capsys):
     run_dir = copy_run(four_steps, tmp_path)
