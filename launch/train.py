@@ -23,7 +23,9 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
-    p.add_argument("--resume", help="'auto' (latest checkpoint of the run, if any) or a path")
+    p.add_argument("--resume", help="'auto' (the newest usable checkpoint of run.dir, or of the "
+                                    "experiment's newest run; none: start afresh) or a run folder "
+                                    "or RUN_DIR/checkpoints/<step>; see docs/slurm.md")
     p.add_argument("--help-config", action="store_true", help="list every config key and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. objective.K=50")
     return p.parse_intermixed_args(argv)  # overrides before or after the options

@@ -102,7 +102,8 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk."""
     max_bad_steps: int = 5
-    """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    """Stop after this many consecutive steps with a non-finite loss or gradient (fp16 overflows,
+    which the grad scaler skips, are counted apart as overflow_steps)."""
     test_every: int = 1
     """Evaluate the test bound and write pictures every this many epochs (0 = never)."""
     test_batches: int = 0

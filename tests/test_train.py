@@ -134,3 +134,59 @@ def test_bf16_training_stays_finite_and_close_to_fp32(tiny_digits, tmp_path):
     events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(isinstance(e["bound"], float) and e["bound"] == e["bound"] for e in events)
     assert json.loads((run_dir / "summary.json").read_text())["bad_steps"] == 0
+
+
+def _fp16_accelerator(cfg):
+    """make_accelerator's Accelerator with fp16 set up as accelerate does on a GPU (native AMP and
+    a GradScaler), the scaler being torch's CPU one (accelerate refuses fp16 on a CPU itself)."""
+    from mmvae.train.dist import make_accelerator
+
+    acc = make_accelerator(cfg)
+    acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    return acc
+
+
+def test_an_fp16_overflow_skips_the_update_lowers_the_scale_and_training_goes_on():
+    """Through the real train_step: an infinite gradient at step 2 is an overflow -- the update is
+    skipped (parameters and Adam untouched), the scaler halves its scale -- and step 3 updates
+    again (before the fix it raised `unscale_() has already been called`)."""
+    from types import SimpleNamespace
+
+    from mmvae.train.dist import make_layout, release
+    from mmvae.train.optim import make_optimizer
+    from mmvae.train.step import ObjectiveModule, estimator_for, train_step
+
+    cfg = load_config(None, ["model.name=gaussian_pair", "model.latent_dim=2", "model.data_dim=3",
+                             "objective.name=dreg", "objective.K=4", "train.mixed_precision=fp16",
+                             "logging.wandb=disabled"])
+    acc = _fp16_accelerator(cfg)
+    try:
+        torch.manual_seed(0)
+        model = mmvae.build_model("gaussian_pair", latent_dim=2, data_dim=3)
+        wrapped, optimizer = acc.prepare(ObjectiveModule(model, estimator_for(cfg, True)),
+                                         make_optimizer(model, 1e-2))
+        run = SimpleNamespace(cfg=cfg, model=model, accelerator=acc, layout=make_layout(acc, cfg),
+                              wrapped=wrapped, optimizer=optimizer, looser=False, step=0,
+                              params=[p for p in model.parameters() if p.requires_grad])
+        g = torch.Generator().manual_seed(1)
+        batch = {"x1": torch.randn(8, 3, generator=g), "x2": torch.randn(8, 3, generator=g)}
+        target = run.params[0]
+        stats, scales, before = [], [], None
+        for run.step in range(3):
+            hook = (target.register_hook(lambda grad: grad * float("inf")) if run.step == 1
+                    else None)
+            before = {k: v.clone() for k, v in model.state_dict().items()}
+            stats.append(train_step(run, batch))
+            scales.append(acc.scaler.get_scale())
+            if hook is not None:
+                hook.remove()
+                for k, v in model.state_dict().items():
+                    assert torch.equal(v, before[k]), f"{k} moved in the skipped step"
+        assert [(s["skipped"], s["overflow"]) for s in stats] == [(False, False), (True, True),
+                                                                  (False, False)]
+        assert scales[1] == scales[0] / 2 and scales[2] == scales[1]
+        assert all(abs(s["bound"]) < float("inf") for s in stats)
+        moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert moved, "step 3 did not update"
+    finally:
+        release(acc)

@@ -70,6 +70,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def autocast(accelerator: Accelerator):
+    """The networks' mixed precision. Accelerate's autocast, except under DeepSpeed, where it does
+    nothing (the engine holds bf16/fp16 weights itself): there torch's autocast casts the fp32
+    inputs, noise and latents to the weights' precision at every layer, and densities still go up
+    to fp32 (mmvae.dists)."""
+    precision = str(accelerator.mixed_precision)
+    if accelerator.state.deepspeed_plugin is not None and precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(accelerator.device.type, dtype=dtype)
+    return accelerator.autocast()
+
+
 def release(accelerator: Accelerator) -> None:
     """End the trackers and forget the Accelerator's settings (the process group stays), so
     `fit` can run again in the same process with other settings (tests, notebooks)."""

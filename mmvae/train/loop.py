@@ -3,6 +3,12 @@
 setup (accelerator, layout, run folder, data, model, optimiser, resume) -> for each epoch: train
 steps (progress bar, metrics, periodic checkpoints, stop requests) -> test bound and pictures ->
 evaluation metrics every `train.eval_every` epochs -> checkpoint -> final model and summary.
+
+A `Run` is what is set once (config, accelerator, layout, folder, model, optimizer, loggers); a
+`TrainState` is what changes (step, epoch, position, counters). The state is registered with the
+Accelerator, so `accelerator.save_state` / `load_state` checkpoint it with the model, optimizer,
+grad scaler and every rank's generators (DeepSpeed: its per-rank shards); `mmvae.train.checkpoint`
+commits the folder atomically, `mmvae.train.resume` picks the one to continue from.
 """
 from __future__ import annotations
 
@@ -26,9 +32,11 @@ from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
-from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, broadcast, make_accelerator,
-                              make_layout, release, start_trackers)
+from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, autocast, broadcast,
+                              make_accelerator, make_layout, release, start_trackers)
 from mmvae.train.optim import make_optimizer
+from mmvae.train.resume import find as find_resume
+from mmvae.train.resume import keep_old_metrics
 from mmvae.train.step import ObjectiveModule, batch_inputs, estimator_for, test_bound, train_step
 
 SHARD_HINTS = {
@@ -43,27 +51,59 @@ class TrainingStopped(RuntimeError):
 
 
 @dataclass
-class Context:
+class TrainState:
+    """What changes as training goes, and all a resume needs besides the model, optimizer,
+    scaler and generators: registered with the Accelerator, saved and loaded by
+    `accelerator.save_state` / `load_state` (the data order of an epoch and the particle noise of
+    a step are functions of the seed, epoch and step, so the position is enough)."""
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of this epoch already trained on
+    bad_in_row: int = 0  # non-finite steps skipped in a row (train.max_bad_steps)
+    bad_total: int = 0
+    overflow_steps: int = 0  # fp16 steps whose gradients overflowed: skipped by the grad scaler
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, int(state.get(f.name, 0)))
+
+    @property
+    def position(self) -> tuple[int, int, int]:
+        return self.step, self.epoch, self.batch_in_epoch
+
+
+@dataclass
+class Session:
+    """This process's bookkeeping, not checkpointed."""
+    stop_requested: bool = False
+    saved_at: tuple = ()  # TrainState.position of the last checkpoint written or loaded
+    checkpoint_failures: int = 0
+    history: dict = field(default_factory=dict)  # last test and eval events, for summary.json
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a run is: set once by `setup`. `state` and `session` change."""
     cfg: Config
     accelerator: object
     layout: Layout
     run_dir: Path
-    model: torch.nn.Module
+    model: torch.nn.Module  # the model itself; `wrapped` is what the Accelerator prepared
     wrapped: torch.nn.Module
     optimizer: torch.optim.Optimizer
     params: list
     looser: bool
     metrics: MetricsLog
     tracker: Tracker
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    bad_in_row: int = 0
-    bad_total: int = 0
-    checkpoint_failures: int = 0
-    saved_at: tuple = ()  # (step, epoch, batch) of the last checkpoint written
-    stop_requested: bool = False
-    history: dict = field(default_factory=dict)
+    state: TrainState
+    session: Session
+
+    @property
+    def step(self) -> int:  # what `train_step` reads
+        return self.state.step
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -73,26 +113,6 @@ def _new_run_dir(cfg: Config) -> Path:
         return Path(cfg.run.dir)
     experiment = cfg.run.experiment or cfg.model.name
     return Path("runs") / experiment / datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
-
-
-def _find_resume(cfg: Config, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: --resume PATH (a checkpoint or a run folder) or auto."""
-    if not resume:
-        return None
-    if resume != "auto":
-        path = Path(resume)
-        found = ckpt.latest(path / "checkpoints") if (path / "checkpoints").is_dir() else path
-        if found is None or not (found / "state.pt").is_file():
-            raise ConfigError(f"--resume {resume}: no checkpoint there (expected a run folder or "
-                              f"RUN_DIR/checkpoints/<step>)")
-        return found
-    if cfg.run.dir:
-        return ckpt.latest(Path(cfg.run.dir) / "checkpoints")
-    runs = sorted((Path("runs") / (cfg.run.experiment or cfg.model.name)).glob("*/checkpoints"))
-    for root in reversed(runs):
-        if (found := ckpt.latest(root)) is not None:
-            return found
-    return None
 
 
 def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
@@ -131,16 +151,11 @@ def _check_space(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
                           f"+ 1); free some space, lower train.keep_last or change run.dir")
 
 
-def _rewind_metrics(path: Path, meta: dict | None) -> None:
-    """The resumed run writes again the events after its checkpoint: drop those that the stopped
-    run wrote past it (all of them when a run starts afresh in an old folder)."""
-    keep = meta.get("metrics_bytes") if meta else 0
-    if keep is not None and path.is_file() and path.stat().st_size > keep:
-        os.truncate(path, keep)
-
-
-def _note_changes(meta: dict, cfg: Config, layout: Layout) -> None:
-    """Resuming with another config or process count is allowed but not exact: say so."""
+def _note_changes(path: Path, meta: dict, cfg: Config, layout: Layout) -> None:
+    """Say what was resumed. Resuming with another config or process count is allowed but not
+    exact: say so too."""
+    if layout.is_main:
+        console.print(f"resuming from {path} (step {meta['step']}, epoch {meta['epoch']})")
     old, new = meta.get("config", {}), to_dict(cfg)
     changes = [f"{s}.{k}: {v!r} -> {new[s].get(k)!r}" for s, section in old.items()
                for k, v in section.items() if s in new and new[s].get(k) != v and s != "run"]
@@ -160,21 +175,21 @@ def _model_kwargs(cfg: Config) -> dict:
     return kwargs
 
 
-def setup(cfg: Config, resume: str | None = None) -> Context:
+def setup(cfg: Config, resume: str | None = None) -> Run:
     """Everything `fit` needs; a failed start releases the Accelerator, so that a corrected
     config can run in the same process."""
     check_model_name(cfg.model.name)
-    resume_from = _find_resume(cfg, resume)
     accelerator = make_accelerator(cfg)
     try:
-        return _setup(cfg, accelerator, resume_from)
+        return _setup(cfg, accelerator, resume)
     except BaseException:
         release(accelerator)
         raise
 
 
-def _setup(cfg: Config, accelerator, resume_from: Path | None) -> Context:
+def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     layout = make_layout(accelerator, cfg)
+    resume_from = find_resume(cfg, resume, say=layout.is_main)
     run_dir = resume_from.parent.parent if resume_from else _new_run_dir(cfg)
     run_dir = Path(broadcast(str(run_dir), accelerator))
     _check_run_dir(run_dir)
@@ -183,49 +198,81 @@ def _setup(cfg: Config, accelerator, resume_from: Path | None) -> Context:
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model.name, **_model_kwargs(cfg))
     _check_space(run_dir, model, cfg)
-    optimizer = make_optimizer(model, cfg.train.lr)
-    state, meta = None, None
-    if resume_from is not None:
-        state, meta = _restore(resume_from, model, optimizer, cfg, layout)
+    meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
-    wrapped, optimizer = accelerator.prepare(wrapped, optimizer)
-    if state is not None and state.get("scaler") and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(state["scaler"])
+    wrapped, optimizer = accelerator.prepare(wrapped, make_optimizer(model, cfg.train.lr))
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    _checkpoint_plain_keys(accelerator)
+    if resume_from is not None:
+        _load(accelerator, resume_from)
+        _note_changes(resume_from, meta, cfg, layout)
     if layout.is_main:
         (run_dir / "images").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        _rewind_metrics(run_dir / "metrics.jsonl", meta)
+        if meta is not None:
+            _rewind_metrics(run_dir / "metrics.jsonl", meta["metrics_bytes"])
+        else:
+            keep_old_metrics(run_dir / "metrics.jsonl", say=True)
     accelerator.wait_for_everyone()
     run_id = _run_id(run_dir, accelerator, layout)
     tracker = start_trackers(accelerator, cfg, run_dir, run_id)
-    ctx = Context(cfg, accelerator, layout, run_dir, model, wrapped, optimizer,
-                  [p for p in model.parameters() if p.requires_grad],
-                  looser=cfg.objective.looser and model.multimodal,
-                  metrics=MetricsLog(run_dir / "metrics.jsonl" if layout.is_main else None),
-                  tracker=tracker)
-    if meta is not None:
-        ctx.step, ctx.epoch, ctx.batch_in_epoch = meta["step"], meta["epoch"], meta["batch"]
-        ctx.bad_total, ctx.bad_in_row = meta.get("bad_total", 0), meta.get("bad_in_row", 0)
-        ctx.saved_at = (ctx.step, ctx.epoch, ctx.batch_in_epoch)
-    return ctx
+    return Run(cfg, accelerator, layout, run_dir, model, wrapped, optimizer,
+               [p for p in model.parameters() if p.requires_grad],
+               looser=cfg.objective.looser and model.multimodal,
+               metrics=MetricsLog(run_dir / "metrics.jsonl" if layout.is_main else None),
+               tracker=tracker, state=state, session=Session(saved_at=state.position))
 
 
-def _restore(path: Path, model, optimizer, cfg: Config, layout: Layout) -> tuple[dict, dict]:
-    """Load a checkpoint into the model and optimiser (and this rank's RNG); (state, meta)."""
-    state, meta, rng = ckpt.load(path, layout.rank)
+def _check_checkpoint(path: Path, model, accelerator, layout: Layout) -> dict:
+    """The checkpoint's meta.json, once it is known to be of this model and loadable here:
+    DeepSpeed's shards are per rank, and need DeepSpeed and the same number of processes."""
+    meta = ckpt.read_meta(path)
     if meta["model"] != model.spec:
         diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
                 if meta["model"].get(k) != v}
         raise ConfigError(f"checkpoint {path} is of another model: {diff} "
                           f"(checkpoint, config); resume with the run's config.yaml")
-    if layout.is_main:
-        console.print(f"resuming from {path} (step {meta['step']}, epoch {meta['epoch']})")
-    _note_changes(meta, cfg, layout)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if rng is not None:
-        ckpt.set_rng_state(rng)
-    return state, meta
+    deepspeed = accelerator.state.deepspeed_plugin is not None
+    if meta["deepspeed"] != deepspeed or (deepspeed and meta["world"] != layout.world):
+        written = f"{'with' if meta['deepspeed'] else 'without'} DeepSpeed on {meta['world']}"
+        raise ConfigError(f"checkpoint {path} was written {written} process(es) and cannot be "
+                          f"resumed {'with' if deepspeed else 'without'} DeepSpeed on "
+                          f"{layout.world}; launch as the run was launched")
+    return meta
+
+
+def _load(accelerator, path: Path) -> None:
+    """Model, optimizer (DeepSpeed: this rank's shards), scaler, this rank's generators and the
+    TrainState, after `prepare`. A file that is there with its size but does not load (damaged)
+    is a one-line error."""
+    try:
+        accelerator.load_state(str(path))
+    except Exception as err:  # noqa: BLE001 - torch.load and pickle raise many kinds
+        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason});"
+                          f" resume an earlier one with --resume {path.parent}/<step>") from None
+
+
+def _checkpoint_plain_keys(accelerator) -> None:
+    """Checkpoints hold the model's own parameter names (`model.*`), not DDP's (`module.model.*`),
+    so a checkpoint resumes under another number of processes. (DeepSpeed saves its engine's
+    module itself; these lists are then empty.)"""
+    def on_save(models, weights, output_dir):
+        weights[:] = [accelerator.get_state_dict(m, unwrap=True) for m, _ in zip(models, weights)]
+
+    def on_load(models, input_dir):
+        models[:] = [accelerator.unwrap_model(m) for m in models]
+
+    accelerator.register_save_state_pre_hook(on_save)
+    accelerator.register_load_state_pre_hook(on_load)
+
+
+def _rewind_metrics(path: Path, keep: int) -> None:
+    """The resumed run writes again the events after its checkpoint: drop those that the stopped
+    run wrote past it."""
+    if path.is_file() and path.stat().st_size > keep:
+        os.truncate(path, keep)
 
 
 def _run_id(run_dir: Path, accelerator, layout: Layout) -> str:
@@ -239,26 +286,35 @@ def _run_id(run_dir: Path, accelerator, layout: Layout) -> str:
 
 # --- checkpoints -------------------------------------------------------------------------------
 
-def save_checkpoint(ctx: Context) -> bool:
-    """All ranks write their RNG state; the main process writes the rest and commits.
+def save_checkpoint(run: Run) -> bool:
+    """`accelerator.save_state` into the temporary folder (every rank: its generators, and under
+    DeepSpeed its shards; the main process: model, optimizer, scaler, TrainState), then the main
+    process lists the files in meta.json and commits.
 
-    A failed write (disk full, I/O error) is reported and dropped, and training goes on:
-    `latest` still names the previous checkpoint. Returns whether this one was written."""
-    position = (ctx.step, ctx.epoch, ctx.batch_in_epoch)
-    if position == ctx.saved_at:
+    A failed write (disk full, I/O error) is reported and dropped, and training goes on: the
+    previous checkpoint stays the newest usable one. Returns whether this one was written."""
+    state, session = run.state, run.session
+    if state.position == session.saved_at:
         return True  # e.g. a stop right after a periodic checkpoint: nothing new to save
-    acc, root = ctx.accelerator, ctx.run_dir / "checkpoints"
-    error = _attempt(ckpt.write_rank_files, root, ctx.step, ctx.layout.rank)
-    if not any_rank(error is not None, acc) and ctx.layout.is_main:
-        error = _attempt(_write_and_commit, ctx, root)
+    acc, root = run.accelerator, run.run_dir / "checkpoints"
+    if run.layout.is_main:
+        ckpt.discard(root, state.step)  # leftovers of a write that crashed at this step
+    acc.wait_for_everyone()
+    # torch.save rather than safetensors, which drops one of every pair of shared tensors (the
+    # MMVAE's prior) with a warning per save; everything but the TrainState (plain ints) then
+    # loads with weights_only=True.
+    error = _attempt(lambda: acc.save_state(str(ckpt.tmp_dir(root, state.step)),
+                                            safe_serialization=False))
+    if not any_rank(error is not None, acc) and run.layout.is_main:
+        error = _attempt(_commit, run, root)
     if not any_rank(error is not None, acc):
-        ctx.saved_at = position
+        session.saved_at = state.position
         return True
-    ctx.checkpoint_failures += 1
-    if ctx.layout.is_main:
-        ckpt.discard(root, ctx.step)
+    session.checkpoint_failures += 1
+    if run.layout.is_main:
+        ckpt.discard(root, state.step)
         kept = ckpt.latest(root)
-        console.print(f"[bold red]checkpoint at step {ctx.step} failed "
+        console.print(f"[bold red]checkpoint at step {state.step} failed "
                       f"({error or 'on another rank'}); kept {kept or 'no checkpoint'}[/]")
     acc.wait_for_everyone()
     return False
@@ -274,105 +330,114 @@ def _attempt(write, *args) -> str | None:
     return None
 
 
-def _write_and_commit(ctx: Context, root: Path) -> None:
-    acc, metrics = ctx.accelerator, ctx.metrics.path
-    state = {"model": ctx.model.state_dict(), "optimizer": ctx.optimizer.state_dict(),
-             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None}
-    meta = {"step": ctx.step, "epoch": ctx.epoch, "batch": ctx.batch_in_epoch,
-            "samples_per_rank": ctx.batch_in_epoch * ctx.cfg.data.batch_size,
-            "bad_total": ctx.bad_total, "bad_in_row": ctx.bad_in_row, "world": ctx.layout.world,
+def _commit(run: Run, root: Path) -> None:
+    state, metrics = run.state, run.metrics.path
+    meta = {"step": state.step, "epoch": state.epoch, "batch": state.batch_in_epoch,
+            "samples_per_rank": state.batch_in_epoch * run.cfg.data.batch_size,
+            "world": run.layout.world, "deepspeed": run.accelerator.state.deepspeed_plugin is not None,
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
-            "model": ctx.model.spec, "config": to_dict(ctx.cfg)}
-    ckpt.write_main_files(root, ctx.step, state, meta)
-    ckpt.commit(root, ctx.step, ctx.cfg.train.keep_last)
+            "model": run.model.spec, "config": to_dict(run.cfg)}
+    ckpt.write_meta(ckpt.tmp_dir(root, state.step), meta)
+    ckpt.commit(root, state.step, run.cfg.train.keep_last)
 
 
 # --- epochs ------------------------------------------------------------------------------------
 
-def _loader(ctx: Context, split: str, train: bool):
-    cfg = ctx.cfg
+def _loader(run: Run, split: str, train: bool):
+    cfg = run.cfg
     return make_loader(cfg.data.shards, split, batch_size=cfg.data.batch_size,
-                       modalities=ctx.model.modalities, num_workers=cfg.data.num_workers,
-                       dp_rank=ctx.layout.dp_rank, dp_size=ctx.layout.dp_size,
-                       seed=cfg.train.seed, epoch=ctx.epoch, shuffle=train,
+                       modalities=run.model.modalities, num_workers=cfg.data.num_workers,
+                       dp_rank=run.layout.dp_rank, dp_size=run.layout.dp_size,
+                       seed=cfg.train.seed, epoch=run.state.epoch, shuffle=train,
                        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=train,
                        on_error=cfg.data.on_error, resampled=cfg.data.resampled and train)
 
 
-def _done(ctx: Context) -> bool:
-    return bool(ctx.cfg.train.max_steps) and ctx.step >= ctx.cfg.train.max_steps
+def _done(run: Run) -> bool:
+    return bool(run.cfg.train.max_steps) and run.state.step >= run.cfg.train.max_steps
 
 
-def train_epoch(ctx: Context, progress: TrainProgress) -> None:
-    cfg, acc = ctx.cfg, ctx.accelerator
-    loader = _loader(ctx, "train", train=True)
-    ctx.wrapped.train()
+def train_epoch(run: Run, progress: TrainProgress) -> None:
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    loader = _loader(run, "train", train=True)
+    run.wrapped.train()
     for i, batch in enumerate(loader):
-        if i < ctx.batch_in_epoch:
+        if i < state.batch_in_epoch:
             continue  # resuming mid-epoch: the order is a function of (seed, epoch)
-        stats = train_step(ctx, batch)
-        ctx.step += 1
-        ctx.batch_in_epoch = i + 1
-        ctx.bad_in_row = ctx.bad_in_row + 1 if stats["skipped"] else 0
-        ctx.bad_total += int(stats["skipped"])
-        B = batch[ctx.model.modalities[0]].shape[0] * ctx.layout.dp_size
+        stats = train_step(run, batch)
+        _count(state, i, stats)
+        B = batch[run.model.modalities[0]].shape[0] * run.layout.dp_size
         rate = progress.update(B, stats["loss"], stats["bound"])
-        if ctx.step % cfg.train.log_every == 0 or ctx.step == 1 or stats["skipped"]:
-            event = ctx.metrics.write(ctx.step, ctx.epoch, "train", samples_per_s=rate,
-                                      bad_steps=ctx.bad_total,
+        if state.step % cfg.train.log_every == 0 or state.step == 1 or stats["skipped"]:
+            event = run.metrics.write(state.step, state.epoch, "train", samples_per_s=rate,
+                                      bad_steps=state.bad_total,
+                                      overflow_steps=state.overflow_steps,
                                       data_errors=getattr(loader, "errors", 0), **stats)
-            ctx.tracker.log({f"train/{k}": v for k, v in event.items() if k != "split"},
-                            step=ctx.step)
-        if stats["skipped"]:
-            _bad_step(ctx)
-        if cfg.train.checkpoint_every and ctx.step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(ctx)
-        if any_rank(ctx.stop_requested, acc) or _done(ctx):
-            ctx.stop_requested = True
+            run.tracker.log({f"train/{k}": v for k, v in event.items() if k != "split"},
+                            step=state.step)
+        if stats["skipped"] and not stats["overflow"]:
+            _bad_step(run)
+        if cfg.train.checkpoint_every and state.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(run)
+        if any_rank(run.session.stop_requested, acc) or _done(run):
+            run.session.stop_requested = True
             return
-    ctx.epoch += 1
-    ctx.batch_in_epoch = 0
+    state.epoch += 1
+    state.batch_in_epoch = 0
 
 
-def _bad_step(ctx: Context) -> None:
+def _count(state: TrainState, i: int, stats: dict) -> None:
+    """Advance the state past batch `i`. An fp16 overflow (the grad scaler skipped the update
+    and lowered its scale) is routine and counted apart; other skipped steps are bad steps."""
+    state.step += 1
+    state.batch_in_epoch = i + 1
+    if stats["overflow"]:
+        state.overflow_steps += 1
+    else:
+        state.bad_in_row = state.bad_in_row + 1 if stats["skipped"] else 0
+        state.bad_total += int(stats["skipped"])
+
+
+def _bad_step(run: Run) -> None:
     """Report a skipped update; give up after train.max_bad_steps of them in a row."""
-    limit = ctx.cfg.train.max_bad_steps
-    if ctx.layout.is_main:
-        console.print(f"[yellow]step {ctx.step}: non-finite loss or gradient, update skipped "
-                      f"({ctx.bad_in_row} in a row of at most {limit}; {ctx.bad_total} in all)[/]")
-    if ctx.bad_in_row >= limit:
-        kept = ckpt.latest(ctx.run_dir / "checkpoints")
-        raise TrainingStopped(f"{ctx.bad_in_row} steps in a row had a non-finite loss or "
-                              f"gradient (step {ctx.step}); the last good checkpoint is kept "
+    limit, state = run.cfg.train.max_bad_steps, run.state
+    if run.layout.is_main:
+        console.print(f"[yellow]step {state.step}: non-finite loss or gradient, update skipped "
+                      f"({state.bad_in_row} in a row of at most {limit}; {state.bad_total} in "
+                      f"all)[/]")
+    if state.bad_in_row >= limit:
+        kept = ckpt.latest(run.run_dir / "checkpoints")
+        raise TrainingStopped(f"{state.bad_in_row} steps in a row had a non-finite loss or "
+                              f"gradient (step {state.step}); the last good checkpoint is kept "
                               f"({kept or 'none written yet'}). Lower train.lr, set "
                               f"train.grad_clip, or try train.mixed_precision=no")
 
 
-def test_epoch(ctx: Context) -> dict:
+def test_epoch(run: Run) -> dict:
     """The test bound (joint m_iwae with the training K) and, on the main process, pictures."""
-    cfg, acc = ctx.cfg, ctx.accelerator
-    ctx.wrapped.eval()
+    cfg, acc = run.cfg, run.accelerator
+    run.wrapped.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(_loader(ctx, "test", train=False)):
+    for i, batch in enumerate(_loader(run, "test", train=False)):
         if cfg.train.test_batches and i >= cfg.train.test_batches:
             break
-        xs = batch_inputs(batch, ctx.model.modalities, acc.device)
-        with acc.autocast():
-            values = test_bound(ctx.model, xs, cfg.objective.K, cfg.objective.k_chunk,
+        xs = batch_inputs(batch, run.model.modalities, acc.device)
+        with autocast(acc):
+            values = test_bound(run.model, xs, cfg.objective.K, cfg.objective.k_chunk,
                                 seed=cfg.train.seed + i)
+            if i == 0 and run.layout.is_main:
+                _save_pictures(run, xs)
         total, count = total + float(values.sum()), count + values.shape[0]
-        if i == 0 and ctx.layout.is_main:
-            _save_pictures(ctx, xs)
     total, count = all_sum([total, float(count)], acc)
     bound = total / max(count, 1)
-    event = ctx.metrics.write(ctx.step, ctx.epoch, "test", bound=bound, loss=-bound,
+    event = run.metrics.write(run.state.step, run.state.epoch, "test", bound=bound, loss=-bound,
                               datapoints=int(count), K=cfg.objective.K)
-    ctx.tracker.log({"test/bound": bound}, step=ctx.step)
-    ctx.wrapped.train()
+    run.tracker.log({"test/bound": bound}, step=run.state.step)
+    run.wrapped.train()
     return event
 
 
-def eval_epoch(ctx: Context) -> dict:
+def eval_epoch(run: Run) -> dict:
     """`train.eval_metrics` of the current model (`mmvae.eval.run.evaluate_model`): every
     process computes its share of the test batches, the numbers are those of one process. Logged
     to metrics.jsonl (split "eval", keys <metric>/<key>) and W&B (eval/<metric>/<key>); metrics
@@ -380,35 +445,35 @@ def eval_epoch(ctx: Context) -> dict:
     from mmvae.eval.distributed import Ranks
     from mmvae.eval.run import evaluate_model
 
-    acc = ctx.accelerator
-    ctx.wrapped.eval()
+    acc, history = run.accelerator, run.session.history
+    run.wrapped.eval()
     try:
-        with acc.autocast():
-            results, skipped = evaluate_model(ctx.model, ctx.cfg, ctx.cfg.train.eval_metrics,
-                                              run_dir=ctx.run_dir, device=acc.device,
+        with autocast(acc):
+            results, skipped = evaluate_model(run.model, run.cfg, run.cfg.train.eval_metrics,
+                                              run_dir=run.run_dir, device=acc.device,
                                               ranks=Ranks(acc.process_index, acc.num_processes))
     finally:
-        ctx.wrapped.train()
-    if skipped and ctx.layout.is_main and "eval" not in ctx.history:
+        run.wrapped.train()
+    if skipped and run.layout.is_main and "eval" not in history:
         console.print(f"[dim]train.eval_metrics: skipping {'; '.join(skipped)}[/dim]")
     values = {f"{name}/{key}": value for name, result in results.items()
               for key, value in result["values"].items()}
-    event = ctx.metrics.write(ctx.step, ctx.epoch, "eval", **values)
-    ctx.tracker.log({f"eval/{key}": value for key, value in values.items()}, step=ctx.step)
-    ctx.history["eval"] = event
+    event = run.metrics.write(run.state.step, run.state.epoch, "eval", **values)
+    run.tracker.log({f"eval/{key}": value for key, value in values.items()}, step=run.state.step)
+    history["eval"] = event
     return event
 
 
-def _save_pictures(ctx: Context, xs) -> None:
-    images = ctx.run_dir / "images"
-    tag = f"{ctx.epoch:03d}"
-    extras = pictures.picture_resources(ctx.cfg.data.shards, ctx.model)  # vocab, feature index
-    paths = list(pictures.save_reconstructions(ctx.model, xs, images / f"recon_{tag}.png",
+def _save_pictures(run: Run, xs) -> None:
+    images = run.run_dir / "images"
+    tag = f"{run.state.epoch:03d}"
+    extras = pictures.picture_resources(run.cfg.data.shards, run.model)  # vocab, feature index
+    paths = list(pictures.save_reconstructions(run.model, xs, images / f"recon_{tag}.png",
                                                **extras))
-    gen = torch.Generator(device=xs[0].device).manual_seed(ctx.cfg.train.seed)
-    paths += list(pictures.save_prior_samples(ctx.model, images / f"prior_{tag}.png",
+    gen = torch.Generator(device=xs[0].device).manual_seed(run.cfg.train.seed)
+    paths += list(pictures.save_prior_samples(run.model, images / f"prior_{tag}.png",
                                               generator=gen, **extras) or [])
-    ctx.tracker.log_images(paths, step=ctx.step)
+    run.tracker.log_images(paths, step=run.state.step)
 
 
 # --- entry -------------------------------------------------------------------------------------
@@ -417,12 +482,12 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 @contextmanager
-def _stop_on_signals(ctx: Context):
+def _stop_on_signals(session: Session):
     """SIGUSR1 (SLURM's warning before the time limit or a preemption) and SIGTERM: finish the
     step, checkpoint, stop. launch/train.py holds SIGUSR1 blocked from start-up, so one that came
     during imports or setup is delivered here, when it can be acted on."""
     def request_stop(signum, frame):
-        ctx.stop_requested = True
+        session.stop_requested = True
         console.print(f"[yellow]signal {signum}: checkpointing after this step[/]")
 
     previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
@@ -437,55 +502,75 @@ def _stop_on_signals(ctx: Context):
 
 def fit(cfg: Config, resume: str | None = None) -> tuple[Path, str]:
     """Train as configured; returns (run folder, "done" | "stopped")."""
-    ctx = setup(cfg, resume)
+    run = setup(cfg, resume)
     try:
-        with _stop_on_signals(ctx):
-            status = _train(ctx)
+        with _stop_on_signals(run.session):
+            status = _train(run)
     finally:
-        ctx.tracker.finish()
-        release(ctx.accelerator)
-    return ctx.run_dir, status
+        run.tracker.finish()
+        release(run.accelerator)
+    return run.run_dir, status
 
 
-def _train(ctx: Context) -> str:
-    cfg, layout = ctx.cfg, ctx.layout
-    steps_per_epoch = len(_loader(ctx, "train", train=True))
+def _train(run: Run) -> str:
+    cfg, layout, state, history = run.cfg, run.layout, run.state, run.session.history
+    steps_per_epoch = len(_loader(run, "train", train=True))
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
     if layout.is_main:
         console.print(f"[bold]mmvae[/] {cfg.model.name} · {cfg.objective.name} K={cfg.objective.K}"
-                      f" · {layout.world} process(es), P={layout.particle_shards} · run {ctx.run_dir}")
-    progress = TrainProgress(cfg.logging.progress and layout.is_main, total, start=ctx.step)
-    t0, step0 = time.perf_counter(), ctx.step
+                      f" · {layout.world} process(es), P={layout.particle_shards} · run {run.run_dir}")
+    progress = TrainProgress(cfg.logging.progress and layout.is_main, total, start=state.step)
+    t0, step0 = time.perf_counter(), state.step
     try:
-        while ctx.epoch < cfg.train.epochs and not ctx.stop_requested:
-            epoch = ctx.epoch
-            train_epoch(ctx, progress)
-            if ctx.epoch > epoch and cfg.train.test_every and ctx.epoch % cfg.train.test_every == 0:
-                ctx.history["test"] = test_epoch(ctx)
-            if ctx.epoch > epoch and cfg.train.eval_every and ctx.epoch % cfg.train.eval_every == 0:
-                eval_epoch(ctx)
-            save_checkpoint(ctx)
+        while state.epoch < cfg.train.epochs and not run.session.stop_requested:
+            epoch = state.epoch
+            train_epoch(run, progress)
+            if state.epoch > epoch and cfg.train.test_every and state.epoch % cfg.train.test_every == 0:
+                history["test"] = test_epoch(run)
+            if state.epoch > epoch and cfg.train.eval_every and state.epoch % cfg.train.eval_every == 0:
+                eval_epoch(run)
+            save_checkpoint(run)
     finally:
         progress.close()
-    status = "stopped" if ctx.stop_requested and not _done(ctx) else "done"
+    status = "stopped" if run.session.stop_requested and not _done(run) else "done"
     if status == "done":
-        _finish(ctx, time.perf_counter() - t0, ctx.step - step0)
+        _finish(run, time.perf_counter() - t0, state.step - step0)
     return status
 
 
-def _finish(ctx: Context, seconds: float, steps: int) -> None:
-    if ctx.cfg.train.test_every and ctx.history.get("test", {}).get("step") != ctx.step:
-        ctx.history["test"] = test_epoch(ctx)
-    if ctx.cfg.train.eval_every and ctx.history.get("eval", {}).get("step") != ctx.step:
-        eval_epoch(ctx)
-    if ctx.layout.is_main:
-        save_model(ctx.model, ctx.run_dir / "model")
-        samples = steps * ctx.cfg.data.batch_size * ctx.layout.dp_size
-        summary = {"step": ctx.step, "epoch": ctx.epoch, "bad_steps": ctx.bad_total,
-                   "checkpoint_failures": ctx.checkpoint_failures,
+def _finish(run: Run, seconds: float, steps: int) -> None:
+    cfg, state, session = run.cfg, run.state, run.session
+    if cfg.train.test_every and session.history.get("test", {}).get("step") != state.step:
+        session.history["test"] = test_epoch(run)
+    if cfg.train.eval_every and session.history.get("eval", {}).get("step") != state.step:
+        eval_epoch(run)
+    _fp32_masters(run)
+    if run.layout.is_main:
+        save_model(run.model, run.run_dir / "model")
+        samples = steps * cfg.data.batch_size * run.layout.dp_size
+        summary = {"step": state.step, "epoch": state.epoch, "bad_steps": state.bad_total,
+                   "overflow_steps": state.overflow_steps,
+                   "checkpoint_failures": session.checkpoint_failures,
                    "train_seconds": round(seconds, 2),
                    "samples_per_s": round(samples / max(seconds, 1e-9), 2),
-                   "test": ctx.history.get("test"), "eval": ctx.history.get("eval")}
-        (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    ctx.accelerator.wait_for_everyone()
+                   "test": session.history.get("test"), "eval": session.history.get("eval")}
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.accelerator.wait_for_everyone()
+
+
+def _fp32_masters(run: Run) -> None:
+    """Under DeepSpeed with bf16/fp16 the module holds low-precision copies of the parameters and
+    the fp32 masters live in the optimizer (sharded under ZeRO): put those into the model before
+    it is saved as the run's model. Every rank takes part (the shards are gathered)."""
+    acc = run.accelerator
+    if acc.state.deepspeed_plugin is None or str(acc.mixed_precision) not in ("bf16", "fp16"):
+        return
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    masters = {name: safe_get_full_fp32_param(p) for name, p in run.model.named_parameters()}
+    run.model.float()
+    with torch.no_grad():
+        for name, p in run.model.named_parameters():
+            if masters[name] is not None:
+                p.copy_(masters[name])

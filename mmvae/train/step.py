@@ -12,7 +12,7 @@ from torch import nn
 from mmvae import objectives
 from mmvae.config import Config
 from mmvae.parallel import backward_objective, normalisers, shard_noise
-from mmvae.train.dist import any_rank
+from mmvae.train.dist import any_rank, autocast
 
 
 class ObjectiveModule(nn.Module):
@@ -51,8 +51,11 @@ def batch_inputs(batch: dict, modalities: list[str], device) -> list[torch.Tenso
 def train_step(ctx, batch: dict) -> dict:
     """Forward, backward (chunked / sharded as configured) and an optimiser step.
 
-    Returns {"loss", "bound", "grad_norm", "skipped"}; a non-finite loss or gradient skips the
-    update (the caller counts and stops on too many in a row).
+    Returns {"loss", "bound", "grad_norm", "skipped", "overflow"}. A non-finite loss or gradient
+    skips the update on every rank (the caller counts and stops on too many in a row). Under a
+    grad scaler (fp16) the scaler still sees the step: its `step` skips the update and `update`
+    lowers the scale (without it the next `unscale_` raises); a finite loss with non-finite
+    gradients is then an `overflow`, routine under fp16 and not a bad step.
     """
     cfg, model, acc, layout = ctx.cfg, ctx.model, ctx.accelerator, ctx.layout
     xs = batch_inputs(batch, model.modalities, acc.device)
@@ -71,7 +74,7 @@ def train_step(ctx, batch: dict) -> dict:
         return ctx.wrapped(xs_, eps, reducer)
 
     ctx.optimizer.zero_grad(set_to_none=True)
-    with acc.autocast():
+    with autocast(acc):
         if cfg.objective.name == "elbo":
             value = ctx.wrapped(xs, eps)
             acc.backward(-value.mean())
@@ -84,18 +87,33 @@ def train_step(ctx, batch: dict) -> dict:
                                        loss_scale=layout.particle_shards, backward=backward)
     bound = value.mean()
     max_norm = cfg.train.grad_clip or float("inf")
-    # Under DeepSpeed the engine clips (its config's gradient_clipping) and steps inside
-    # backward, and this returns None: only the loss can be checked here.
+    # Under DeepSpeed the engine clips (its config's gradient_clipping) and this returns the norm
+    # of the step it took (or None).
     norm = acc.clip_grad_norm_(ctx.params, max_norm)
     grad_norm = float(norm) if norm is not None else float("nan")
-    finite = bool(torch.isfinite(bound)) and (norm is None or np.isfinite(grad_norm))
-    skipped = any_rank(not finite, acc)
-    if skipped:
-        ctx.optimizer.zero_grad(set_to_none=True)
-    else:
-        ctx.optimizer.step()
+    skipped, overflow = _update(ctx, bool(torch.isfinite(bound)),
+                                norm is None or bool(np.isfinite(grad_norm)))
     return {"loss": -float(bound), "bound": float(bound), "grad_norm": grad_norm,
-            "skipped": skipped}
+            "skipped": skipped, "overflow": overflow}
+
+
+def _update(ctx, finite_loss: bool, finite_grad: bool) -> tuple[bool, bool]:
+    """Step the optimizer unless any rank has a non-finite loss or gradient; (skipped, overflow).
+    The grad scaler (fp16) sees every step: on an overflow its `step` skips the update and its
+    `update` lowers the scale. Under DeepSpeed the engine has already stepped inside backward
+    (skipping an fp16 overflow itself); only the report is left to do."""
+    acc = ctx.accelerator
+    bad_loss = any_rank(not finite_loss, acc)
+    engine = getattr(acc, "deepspeed_engine_wrapped", None)
+    if engine is not None:
+        overflow = not bad_loss and not engine.engine.was_step_applied()
+        return bad_loss or overflow, overflow
+    skipped = any_rank(bad_loss or not finite_grad, acc)
+    if skipped:
+        ctx.optimizer.zero_grad(set_to_none=True)  # with no gradients, no parameter moves
+    if not skipped or acc.scaler is not None:
+        ctx.optimizer.step()
+    return skipped, skipped and not bad_loss and acc.scaler is not None
 
 
 @torch.no_grad()
