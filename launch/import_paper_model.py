@@ -7,7 +7,7 @@
 PATH is the paper's model folder (model.rar + args.rar) or its zip; with --download DIR, PATH
 names a released model (mnist-svhn, cubIS, cubISft) fetched into DIR first. The run folder
 works with `launch/evaluate.py --run RUN_DIR`, `mmvae.load_model(RUN_DIR)` and fine-tuning by
-`launch/train.py --config RUN_DIR/config.yaml --resume RUN_DIR data.shards=...`.
+`launch/train.py --config RUN_DIR/config.yaml train.init_from=RUN_DIR run.dir=NEW_DIR`.
 --export writes the paper's model.rar + args.rar for our run folder PATH into --out."""
 from __future__ import annotations
 

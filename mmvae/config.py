@@ -91,6 +91,10 @@ class TrainConfig:
     """Seed of parameters, data order and particle noise."""
     lr: float = 1e-3
     """Adam learning rate (amsgrad, as the paper)."""
+    init_from: str = ""
+    """Start a fresh run from these weights: a run folder or its model/ (e.g. one written by
+    launch/import_paper_model.py), same model section; the optimiser starts afresh. Ignored
+    when resuming (the checkpoint holds the weights)."""
     mixed_precision: str = "no"
     """no | bf16 | fp16: autocast for the networks; densities and weights stay fp32."""
     grad_clip: float = 0.0

@@ -51,16 +51,48 @@ def save_model(model: torch.nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, map_location="cpu") -> torch.nn.Module:
-    """Rebuild a model saved with `save_model` (or a run folder's `model/`), weights_only."""
+def model_dir(path: str | Path) -> Path:
+    """The folder holding model.json: `path` itself, or a run folder's `model/`."""
     path = Path(path)
     if (path / "model").is_dir() and not (path / MODEL_JSON).exists():
         path = path / "model"
     if not (path / MODEL_JSON).is_file():
         raise FileNotFoundError(f"{path} holds no {MODEL_JSON}: pass a run's model/ folder")
+    return path
+
+
+def load_model(path: str | Path, map_location="cpu") -> torch.nn.Module:
+    """Rebuild a model saved with `save_model` (or a run folder's `model/`), weights_only."""
+    path = model_dir(path)
     spec = json.loads((path / MODEL_JSON).read_text())
     name = spec.pop("name")
     model = build_model(name, **spec)
     state = torch.load(path / WEIGHTS, map_location=map_location, weights_only=True)
     model.load_state_dict(state)
     return model
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> Path:
+    """Load the weights saved with `save_model` at `path` (a run folder or its `model/`) into
+    `model`, which must have the same parameters (names and shapes); returns the folder read.
+    Every failure is a one-line ConfigError."""
+    try:
+        path = model_dir(path)
+        state = torch.load(path / WEIGHTS, map_location="cpu", weights_only=True)
+    except FileNotFoundError as err:
+        raise ConfigError(f"train.init_from: {err}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load raises many kinds on a damaged file
+        raise ConfigError(f"train.init_from: {path / WEIGHTS} cannot be loaded "
+                          f"({type(err).__name__}); save the weights again") from None
+    ours = model.state_dict()
+    missing = sorted(set(ours) - set(state))
+    extra = sorted(set(state) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(state) if ours[k].shape != state[k].shape)
+    if missing or extra or shapes:
+        what = "; ".join(f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                         for label, keys in (("missing", missing), ("unexpected", extra),
+                                             ("other shape", shapes)) if keys)
+        raise ConfigError(f"train.init_from: {path} holds weights of another model ({what}); "
+                          f"set the model section as in {path / MODEL_JSON}")
+    model.load_state_dict(state)
+    return path

@@ -329,18 +329,35 @@ def test_imported_zip_evaluates_end_to_end(imported_zip_run):
     assert (run / "report.md").is_file()
 
 
-def test_resume_fine_tunes_the_imported_weights(imported_zip_run):
-    """--resume starts from the imported weights: after two Adam steps of lr 1e-3 no parameter
-    moved by more than a few lr (a fresh initialisation would differ by far more), and some
-    moved. (train.lr=0 would not show it: a resumed optimiser keeps its checkpoint's lr.)"""
+def test_init_from_fine_tunes_the_imported_weights(imported_zip_run, tmp_path):
+    """train.init_from starts a new run from the imported weights: after two Adam steps of lr 1e-3
+    no parameter moved by more than a few lr (a fresh initialisation would differ by far more),
+    and some moved; the imported folder is left as it was."""
     run = imported_zip_run
     before = mmvae.load_model(run).state_dict()
-    argv = ["--config", str(run / "config.yaml"), "--resume", str(run), "train.max_steps=2",
-            "train.test_every=0", "logging.wandb=disabled", "logging.progress=false"]
+    ft = tmp_path / "ft"
+    argv = ["--config", str(run / "config.yaml"), f"train.init_from={run}", f"run.dir={ft}",
+            "train.max_steps=2", "train.test_every=0", "logging.wandb=disabled",
+            "logging.progress=false"]
     assert _launcher("train")(argv) == 0
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["step"] == 2
-    after = mmvae.load_model(run).state_dict()
+    assert json.loads((ft / "summary.json").read_text())["step"] == 2
+    after = mmvae.load_model(ft).state_dict()
     moved = {k: (after[k] - before[k]).abs().max().item() for k in before}
     assert max(moved.values()) <= 3 * 2 * 1e-3
     assert moved["vaes.0.enc.loc.weight"] > 0 and moved["vaes.1.dec.body.6.bias"] > 0
+    untouched = mmvae.load_model(run).state_dict()
+    assert all(torch.equal(untouched[k], before[k]) for k in before)
+    assert not (run / "checkpoints").exists()
+
+
+def test_init_from_refuses_to_overwrite_its_source_and_another_model(imported_zip_run, capsys):
+    run = imported_zip_run
+    base = ["--config", str(run / "config.yaml"), "train.max_steps=1", "logging.wandb=disabled",
+            "logging.progress=false"]
+    assert _launcher("train")(base + [f"train.init_from={run}"]) == 2  # run.dir is the import
+    assert "set run.dir to a new folder" in capsys.readouterr().err
+    assert _launcher("train")(base + [f"train.init_from={run}", "model.latent_dim=3",
+                                      f"run.dir={run}-other"]) == 2
+    err = capsys.readouterr().err
+    assert "another model" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "metrics.jsonl").exists() and not Path(f"{run}-other").exists()

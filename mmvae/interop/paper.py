@@ -5,11 +5,12 @@ safely): ``args.rar`` — a ``torch.save``d ``argparse.Namespace`` — with
 ``torch.load(weights_only=True)`` and ``argparse.Namespace`` as the one allowed class, and
 ``model.rar`` — a state dict — with ``weights_only=True``. The flags become our config
 (`FLAGS`), the tensors our model's through the explicit table of `mmvae.interop.names`, and
-RUN_DIR gets what a finished run of ours has (``config.yaml``, ``model/``) plus a step-0
-checkpoint (the weights and a fresh optimiser: the paper released none), so that
+RUN_DIR gets what a finished run of ours has (``config.yaml``, ``model/``), so that
 
 * ``launch/evaluate.py --run RUN_DIR`` and ``mmvae.load_model(RUN_DIR)`` work, and
-* ``launch/train.py --config RUN_DIR/config.yaml --resume RUN_DIR`` fine-tunes it.
+* ``launch/train.py --config RUN_DIR/config.yaml train.init_from=RUN_DIR run.dir=NEW``
+  fine-tunes it (a new run starting from its weights with a fresh optimiser: the paper
+  released no optimiser state).
 
 ``export_paper_model(RUN_DIR, OUT)`` writes the reverse (``model.rar``, ``args.rar`` in the
 torch 1.3-readable format), which the paper's ``--pre-trained OUT`` loads.
@@ -280,21 +281,12 @@ def _jsonable(flags: dict) -> dict:
 
 
 def _write_run(run_dir: Path, cfg: Config, model: torch.nn.Module, record: dict) -> None:
-    """config.yaml, model/, a step-0 checkpoint (so --resume fine-tunes), import.json."""
-    from mmvae.train import checkpoint as ckpt
-    from mmvae.train.optim import make_optimizer
-
+    """config.yaml, model/ and import.json: what a finished run of ours holds. Fine-tuning is a
+    new run started from model/ (`train.init_from`), with a fresh optimiser: the paper released
+    none."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
     save_model(model, run_dir / "model")
-    state = {"model": model.state_dict(),
-             "optimizer": make_optimizer(model, cfg.train.lr).state_dict(), "scaler": None}
-    meta = {"step": 0, "epoch": 0, "batch": 0, "samples_per_rank": 0, "bad_total": 0,
-            "bad_in_row": 0, "world": 1, "metrics_bytes": 0, "model": model.spec,
-            "config": to_dict(cfg), "imported_from": record["source"]}
-    root = run_dir / "checkpoints"
-    ckpt.write_main_files(root, 0, state, meta)
-    ckpt.commit(root, 0, cfg.train.keep_last)
     (run_dir / "import.json").write_text(json.dumps(record, indent=2) + "\n")
 
 

@@ -30,7 +30,7 @@ from mmvae.data import make_loader, read_manifest
 from mmvae.data.builtin import ensure_builtin
 from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
-from mmvae.registry import build_model, check_model_name, save_model
+from mmvae.registry import build_model, check_model_name, load_weights, save_model
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, autocast, broadcast,
                               make_accelerator, make_layout, release, start_trackers)
@@ -197,6 +197,8 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
 
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    if cfg.train.init_from and resume_from is None:
+        _init_from(model, cfg.train.init_from, run_dir, layout)
     _check_space(run_dir, model, cfg)
     meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
@@ -222,6 +224,17 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
                looser=cfg.objective.looser and model.multimodal,
                metrics=MetricsLog(run_dir / "metrics.jsonl" if layout.is_main else None),
                tracker=tracker, state=state, session=Session(saved_at=state.position))
+
+
+def _init_from(model, source: str, run_dir: Path, layout: Layout) -> None:
+    """Fine-tuning: a fresh run whose parameters start from saved weights. The run's own final
+    model/ must not be the folder it starts from (it would be overwritten at the end)."""
+    path = load_weights(model, source)
+    if path.resolve() == (run_dir / "model").resolve():
+        raise ConfigError(f"train.init_from={source} is the model/ this run would write at its "
+                          f"end; set run.dir to a new folder")
+    if layout.is_main:
+        console.print(f"starting from the weights in {path}", soft_wrap=True)
 
 
 def _check_checkpoint(path: Path, model, accelerator, layout: Layout) -> dict:
