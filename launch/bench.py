@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmvae.config import load_config  # noqa: E402
+from mmvae.config import ConfigError, load_config  # noqa: E402
 from mmvae.registry import build_model  # noqa: E402
 from mmvae.train.dist import make_accelerator, make_layout  # noqa: E402
 from mmvae.train.loop import _model_kwargs  # noqa: E402
@@ -52,7 +52,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(None, DEFAULTS + args.overrides)
+    try:
+        cfg = load_config(None, DEFAULTS + args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     acc = make_accelerator(cfg)
     layout = make_layout(acc, cfg)
     torch.manual_seed(cfg.train.seed)

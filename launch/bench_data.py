@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from mmvae.paths import unwritable  # noqa: E402
+
 SETS = {"mnist_svhn": ("mnist_svhn", ["mnist", "svhn"], 128), "cubIS": ("cub", ["image", "caption"], 64),
         "cubISft": ("cub", ["feature", "caption"], 64)}
 
@@ -111,6 +113,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--dir", help="keep the shards here (default: a temporary folder)")
     args = parser.parse_args(argv)
+    if args.dir and (problem := unwritable(args.dir)):
+        print(f"error: --dir {args.dir} cannot be written: {problem}", file=sys.stderr)
+        return 2
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
         built = {}

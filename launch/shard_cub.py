@@ -44,7 +44,12 @@ def main(argv=None) -> int:
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub
+    from mmvae.paths import unwritable
 
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         manifest = build_cub(args.cub, args.out, features=args.features, weights=args.weights,
@@ -54,6 +59,10 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"{manifest['dataset']} -> {args.out} (vocabulary {manifest['params']['vocab_size']} words; {counts}) "

@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from mmvae.data.builtin import BUILTINS
+    from mmvae.paths import unwritable
 
     if args.dataset not in BUILTINS:
         parser.error(f"unknown --dataset {args.dataset!r}; valid: {', '.join(sorted(BUILTINS))}")
@@ -48,8 +49,17 @@ def main(argv=None) -> int:
     for option, datasets in OPTIONS.items():
         if getattr(args, option[2:].replace("-", "_")) is not None and args.dataset not in datasets:
             parser.error(f"{option} applies to --dataset {' / '.join(datasets)}, not {args.dataset}")
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    manifest = BUILTINS[args.dataset](args.out, **kwargs)
+    try:
+        manifest = BUILTINS[args.dataset](args.out, **kwargs)
+    except OSError as err:  # disk full, I/O error: the manifest is written last, so the folder
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)  # reads as not built and a rerun starts over
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"{args.dataset} -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")

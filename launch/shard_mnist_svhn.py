@@ -37,7 +37,12 @@ def main(argv=None) -> int:
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
+    from mmvae.paths import unwritable
 
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         manifest = build_mnist_svhn(args.mnist, args.svhn, args.out, seed=args.seed,
@@ -46,6 +51,10 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} pairs in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"mnist_svhn -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")

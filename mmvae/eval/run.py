@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from mmvae.config import PERIODIC_METRICS, Config, EvalConfig, _apply, load_config, validate
+from mmvae.config import (PERIODIC_METRICS, Config, ConfigError, EvalConfig, _apply, load_config,
+                          validate)
 from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
@@ -37,6 +39,7 @@ from mmvae.eval.likelihoods import calculate_likelihoods
 from mmvae.eval.pictures import picture_resources, save_prior_samples, save_reconstructions
 from mmvae.eval.plots import embedding_plot, kl_plot
 from mmvae.eval.report import write_report
+from mmvae.paths import unwritable
 from mmvae.registry import load_model
 
 DIGIT_MODALITIES = frozenset({"mnist", "svhn"})
@@ -388,12 +391,15 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} not found")
     cfg = load_config(run_dir / "config.yaml", list(overrides))
+    _refuse_model_changes(run_dir, cfg)
+    if problem := unwritable(run_dir / EVAL_DIR):
+        raise ValueError(f"run folder {run_dir} cannot take the evaluation's files: {problem}")
     names = list(dict.fromkeys(metrics or cfg.eval.metrics))
     explicit = bool(metrics)
     if not names:
         raise ValueError(f"no metrics chosen; valid: {', '.join(METRICS)}")
     opts = resolve_options(cfg, **options)
-    model = load_model(run_dir / "model", map_location="cpu")
+    model = _load_trained(run_dir / "model")
     toy = hasattr(model, "sample_data")  # tiny linear models: CPU (their sampler is CPU-only)
     dev = torch.device("cpu" if toy else device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
@@ -406,6 +412,32 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
             names.remove(name)
     check_metrics(names, ctx)
     return ctx, names
+
+
+def _refuse_model_changes(run_dir: Path, cfg: Config) -> None:
+    """`model.*` overrides cannot apply: the model is rebuilt from model/model.json with the
+    trained weights. Refuse them rather than ignore them (an override equal to the run's value
+    is harmless)."""
+    trained = load_config(run_dir / "config.yaml").model
+    changed = [f"model.{f.name}={getattr(cfg.model, f.name)!r}"
+               for f in dataclasses.fields(trained)
+               if getattr(cfg.model, f.name) != getattr(trained, f.name)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: the model of a trained run cannot change (it is "
+                          f"rebuilt from {run_dir / 'model'}); drop the model.* override(s), or "
+                          f"train a run with them")
+
+
+def _load_trained(folder: Path) -> torch.nn.Module:
+    """The run's final model; a damaged weights file is a ValueError naming the fix."""
+    try:
+        return load_model(folder, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{folder} cannot be loaded ({reason}): the file is truncated or "
+                         f"damaged; copy the run again, or train it again") from None
 
 
 def execute(ctx: EvalContext, names: Sequence[str]) -> dict:

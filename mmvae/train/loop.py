@@ -24,6 +24,7 @@ from mmvae.data import make_loader, read_manifest
 from mmvae.data.builtin import ensure_builtin
 from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
+from mmvae.paths import unwritable
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, broadcast, make_accelerator,
@@ -97,6 +98,11 @@ def _find_resume(cfg: Config, resume: str | None) -> Path | None:
 
 def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
     shards = Path(cfg.data.shards)
+    if cfg.data.builtin and not (shards / "manifest.json").is_file():
+        if problem := unwritable(shards):  # every rank: none may wait for a build that fails
+            raise ConfigError(f"data.builtin={cfg.data.builtin} cannot be built into "
+                              f"data.shards={shards}: {problem}; set data.shards to a "
+                              f"writable folder")
     if cfg.data.builtin and layout.is_main:
         ensure_builtin(shards, cfg.data.builtin)
     accelerator.wait_for_everyone()
@@ -110,13 +116,10 @@ def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
 def _check_run_dir(run_dir: Path) -> Path:
     """Fail at start, before anything is written, when the run folder cannot be created or
     written; returns its nearest existing ancestor (the folder itself once it exists)."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    problem = ("is not a folder" if not existing.is_dir() else
-               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
-    if problem:
-        raise ConfigError(f"run folder {run_dir} cannot be written: {existing} {problem}; "
+    if problem := unwritable(run_dir):
+        raise ConfigError(f"run folder {run_dir} cannot be written: {problem}; "
                           f"set run.dir to a writable folder")
-    return existing
+    return next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
 
 
 def _check_space(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
