@@ -321,7 +321,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
             out.update(_flatten(v, key + "."))
         elif not prefix and k in _sections():
             raise ConfigError(f"config section {k!r} holds {v!r}, not keys; write its keys "
-                              f"indented under it (e.g. {k}:\n  <key>: <value>) or drop it")
+                              f"indented on the lines under `{k}:`, or drop it")
         else:
             out[key] = v
     return out
