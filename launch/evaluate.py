@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
     import torch
     from accelerate import Accelerator
-    from rich.console import Console
 
     from mmvae.eval.distributed import Ranks
     from mmvae.eval.report import metrics_table
     from mmvae.eval.run import execute, prepare
+    from mmvae.log import make_console
     from mmvae.train.dist import release
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU (ENVIRONMENT.md)
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     finally:
         release(accelerator)
     if ranks.is_main:
-        console = Console()
+        console = make_console(stderr=False)  # full lines when piped
         console.print(metrics_table(payload))
         console.print(f"report: {payload['report']}")
     return 0

@@ -39,6 +39,7 @@ from mmvae.eval.likelihoods import calculate_likelihoods
 from mmvae.eval.pictures import picture_resources, save_prior_samples, save_reconstructions
 from mmvae.eval.plots import embedding_plot, kl_plot
 from mmvae.eval.report import write_report
+from mmvae.log import Board, console, track
 from mmvae.paths import unwritable
 from mmvae.registry import load_model
 
@@ -85,14 +86,8 @@ class EvalContext:
         return (self.shards_dir / f"unique_{split}.npz").is_file()
 
     def track(self, iterable: Iterable, description: str, total: int | None = None):
-        if self.progress is None:
-            yield from iterable
-            return
-        task = self.progress.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            self.progress.advance(task)
-        self.progress.remove_task(task)
+        """`mmvae.log.track`: a task with count and eta under the evaluation's progress bar."""
+        return track(iterable, description, total, enabled=self.progress is not None)
 
     def labelled_batches(self, split: str = "test", batch_size: int | None = None):
         """(xs, labels) batches, xs in model.modalities order (on CPU: a metric moves the
@@ -223,13 +218,21 @@ def metric_pictures(ctx: EvalContext) -> dict:
     xs, labels = next(iter(ctx.labelled_batches("test", ctx.options.plot_batch)))
     xs, out = [x.to(ctx.device) for x in xs], ctx.out_dir
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    # the feature index of feature models is built here on first use: a pass over the train split
     extras = {} if ctx.is_toy else picture_resources(ctx.shards_dir, ctx.model)
-    files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png", **extras))
-    files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen, **extras)
-    emb = embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels, seed=ctx.seed,
-                         method=ctx.options.embedding)
-    kls = kl_plot(ctx.model, xs, out / "kl_per_dimension.png")
-    files += [emb["path"], kls["path"]]
+    made = {}
+    steps = {
+        "reconstructions": lambda: save_reconstructions(ctx.model, xs, out / "reconstructions.png",
+                                                        **extras),
+        "prior samples": lambda: save_prior_samples(ctx.model, out / "prior_samples.png",
+                                                    generator=gen, **extras),
+        "embedding": lambda: embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels,
+                                            seed=ctx.seed, method=ctx.options.embedding),
+        "kl": lambda: kl_plot(ctx.model, xs, out / "kl_per_dimension.png")}
+    for name in ctx.track(list(steps), "pictures (reconstructions, prior samples, embedding, KL)"):
+        made[name] = steps[name]()
+    emb, kls = made["embedding"], made["kl"]
+    files = [*made["reconstructions"], *made["prior samples"], emb["path"], kls["path"]]
     rel = [str(Path(f).relative_to(ctx.run_dir)) for f in files]
     return {"values": {}, "files": rel, "embedding_method": emb["method"],
             "embedding_points": emb["points"], "mean_kl": kls["mean_kl"]}
@@ -290,9 +293,7 @@ def metric_attributes(ctx: EvalContext) -> dict:
 
 
 def _console_log(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[dim]{message}[/dim]")
+    console.print(f"[dim]{message}[/dim]")
 
 
 METRICS: dict[str, Callable[[EvalContext], dict]] = {
@@ -363,14 +364,8 @@ def check_metrics(names: Sequence[str], ctx: EvalContext) -> None:
         raise ValueError("; ".join(reasons))
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+def _progress(enabled: bool) -> Board | None:
+    return Board() if enabled else None
 
 
 def _json_default(obj):
@@ -451,7 +446,7 @@ def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
         if ctx.progress is not None:
             ctx.progress.start()
         try:
-            for name in names:
+            for name in ctx.track(names, f"evaluation metrics ({', '.join(names)})"):
                 if name in SHARDED or ctx.ranks.is_main:
                     began = time.perf_counter()
                     results[name] = METRICS[name](ctx)

@@ -15,6 +15,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from mmvae.config import Config, ConfigError, save_config, to_dict
 from mmvae.data import make_loader, read_manifest
 from mmvae.data.builtin import ensure_builtin
 from mmvae.eval import pictures
-from mmvae.log import MetricsLog, TrainProgress, console
+from mmvae.log import MetricsLog, TrainProgress, console, track
 from mmvae.paths import unwritable
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
@@ -356,9 +357,11 @@ def test_epoch(ctx: Context) -> dict:
     cfg, acc = ctx.cfg, ctx.accelerator
     ctx.wrapped.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(_loader(ctx, "test", train=False)):
-        if cfg.train.test_batches and i >= cfg.train.test_batches:
-            break
+    loader = _loader(ctx, "test", train=False)
+    n = min(len(loader), cfg.train.test_batches or len(loader))
+    batches = track(islice(loader, n), f"test bound (K={cfg.objective.K}, {n} batches)", n,
+                    enabled=cfg.logging.progress and ctx.layout.is_main)
+    for i, batch in enumerate(batches):
         xs = batch_inputs(batch, ctx.model.modalities, acc.device)
         with acc.autocast():
             values = test_bound(ctx.model, xs, cfg.objective.K, cfg.objective.k_chunk,
