@@ -43,13 +43,18 @@ def random_batch(model, B: int, device, seed: int = 0) -> dict:
             for e in model.experts}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. objective.K=50")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     parser = _Parser(prog="shard_cub.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cub", required=True, help="CUB folder (train/, test/, text_*.txt)")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -41,6 +42,11 @@ def main(argv=None) -> int:
         parser.error("--min-shards, --batch-size must be >= 1, --workers >= 0, --shard-size-mb > 0")
     if (args.weights or args.random_weights) and not args.features:
         args.features = "resnet101"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub

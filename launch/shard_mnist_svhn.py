@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     parser = _Parser(prog="shard_mnist_svhn.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", required=True, help="folder with the MNIST idx files")
@@ -34,6 +35,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.pairs_per_instance < 1 or args.max_per_class < 1 or args.min_shards < 1 or args.shard_size_mb <= 0:
         parser.error("--pairs-per-instance, --max-per-class, --min-shards must be >= 1 and --shard-size-mb > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
