@@ -50,6 +50,10 @@ def main(argv=None) -> int:
                 print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
             return 2
         payload = execute(ctx, names)
+    except KeyboardInterrupt:  # eval.json and report.md are written at the end: none is half done
+        if ranks.is_main:
+            print("interrupted: eval.json and report.md were not written", file=sys.stderr)
+        return 1
     finally:
         release(accelerator)
     if ranks.is_main:

@@ -57,6 +57,10 @@ def main(argv=None) -> int:
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints written so far are complete (atomic)
+        print("interrupted: the last checkpoint is kept; continue with the same command and "
+              "--resume auto", file=sys.stderr)
+        return 1
     if is_main_process():  # one line for scripts to read, not one per rank
         print(f"{status}: {run_dir}")
     return 0

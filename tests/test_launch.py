@@ -48,3 +48,32 @@ def test_bench_reports_a_bad_override_in_one_line(capsys):
     assert run("bench", ["objective.K=nan"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: objective.K: expected int, got 'nan'"]
+
+
+def test_ctrl_c_during_training_is_one_line_and_keeps_the_checkpoints(shards, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
+         f"data.shards={shards}", "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled",
+         "logging.progress=false", "data.batch_size=4", "model.latent_dim=4", "objective.K=2",
+         "train.epochs=1000", "train.checkpoint_every=1", "train.log_every=1",
+         "train.test_every=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].startswith("interrupted: the last checkpoint is kept")
+    assert (run_dir / "checkpoints" / "latest").is_file()
