@@ -236,7 +236,8 @@ CHOICES = {
     "eval.coherence_pairs": ("auto", "unique", "shards"),
     "eval.embedding": ("umap", "tsne", "pca"),
 }
-POSITIVE = ("model.latent_dim", "objective.K", "train.lr", "data.batch_size", "parallel.particle_shards",
+POSITIVE = ("model.latent_dim", "objective.K", "train.lr", "data.batch_size",
+            "parallel.particle_shards",
             "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
             "eval.likelihood_batch", "eval.coherence_samples", "eval.plot_batch",
             "eval.toy_datapoints", "eval.cca_k", "eval.cca_samples")

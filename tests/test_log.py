@@ -35,8 +35,8 @@ def test_track_is_silent_when_disabled_and_no_bar_is_live(capsys):
 def test_training_shows_the_end_of_run_test_bound(shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "launch/train.py", "--config", "configs/demo.yaml", f"data.shards={shards}",
-         "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled", "data.batch_size=4",
+        [sys.executable, "launch/train.py", "--config", "configs/demo.yaml",
+         f"data.shards={shards}", "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled", "data.batch_size=4",
          "model.latent_dim=4", "objective.K=2", "train.max_steps=2", "train.test_batches=2"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -5,8 +5,8 @@ M*M decoder calls on n images, and torchvision's ``make_grid``/``save_image``. M
 different sizes and channels are put side by side as the paper does: each image is padded
 (centred) to the largest height/width and grey images are repeated to RGB, so MNIST 28x28 sits
 next to SVHN 32x32. Reconstruction grids label their rows ("input mnist", "mnist
-reconstruction", "mnist -> svhn", ...) and every image is drawn `SCALE` times its size. Modalities that are not images (C, H, W) (e.g. the linear-Gaussian toys)
-have no picture: the functions then write nothing and return [].
+reconstruction", "mnist -> svhn", ...) and every image is drawn `SCALE` times its size.
+Modalities that are not images (C, H, W) (e.g. the linear-Gaussian toys) have no picture: the functions then write nothing and return [].
 
 Models with captions or ResNet features (cubIS, cubISft, cub_sentence, cub_image_ft) are shown
 as "panels": images as they are, features as their nearest training image (`feature_index`, a
