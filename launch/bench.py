@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmvae.config import load_config  # noqa: E402
+from mmvae.config import ConfigError, load_config  # noqa: E402
 from mmvae.registry import build_model  # noqa: E402
 from mmvae.train.dist import make_accelerator, make_layout  # noqa: E402
 from mmvae.train.loop import _model_kwargs  # noqa: E402
@@ -43,16 +43,25 @@ def random_batch(model, B: int, device, seed: int = 0) -> dict:
             for e in model.experts}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = default)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. objective.K=50")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = load_config(None, DEFAULTS + args.overrides)
+    try:
+        cfg = load_config(None, DEFAULTS + args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     acc = make_accelerator(cfg)
     layout = make_layout(acc, cfg)
     torch.manual_seed(cfg.train.seed)

@@ -54,7 +54,8 @@ def max_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cubIS", choices=["cubIS", "cubISft"])
     p.add_argument("--objective", default="dreg", choices=["iwae", "dreg"])
@@ -71,7 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--logits-loss", action="store_true",
                    help="score captions from full logits instead of the fused likelihood")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.logits_loss:

@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from mmvae.paths import unwritable  # noqa: E402
+
 SETS = {"mnist_svhn": ("mnist_svhn", ["mnist", "svhn"], 128), "cubIS": ("cub", ["image", "caption"], 64),
         "cubISft": ("cub", ["feature", "caption"], 64)}
 
@@ -103,14 +105,22 @@ def time_epoch(shards: Path, modalities, batch_size: int, workers: int) -> dict:
     return {"wall": n / wall, "cpu": n / cpu if workers == 0 else None, "first": first, "errors": loader.errors}
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=20_000, help="train samples per format")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--dir", help="keep the shards here (default: a temporary folder)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dir and (problem := unwritable(args.dir)):
+        print(f"error: --dir {args.dir} cannot be written: {problem}", file=sys.stderr)
+        return 2
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
         built = {}

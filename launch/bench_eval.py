@@ -58,6 +58,14 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from mmvae.eval.run import prepare
+
+    if args.run:  # a bad run folder or override: one line before any timing
+        try:
+            prepare(args.run, None, args.overrides, progress=False)
+        except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
+            print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
+            return 2
     from mmvae.eval.run import evaluate_run
 
     console = Console()

@@ -32,11 +32,11 @@ def main(argv=None) -> int:
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
     import torch
     from accelerate import Accelerator
-    from rich.console import Console
 
     from mmvae.eval.distributed import Ranks
     from mmvae.eval.report import metrics_table
     from mmvae.eval.run import execute, prepare
+    from mmvae.log import make_console
     from mmvae.train.dist import release
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU (ENVIRONMENT.md)
@@ -50,10 +50,14 @@ def main(argv=None) -> int:
                 print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
             return 2
         payload = execute(ctx, names)
+    except KeyboardInterrupt:  # eval.json and report.md are written at the end: none is half done
+        if ranks.is_main:
+            print("interrupted: eval.json and report.md were not written", file=sys.stderr)
+        return 1
     finally:
         release(accelerator)
     if ranks.is_main:
-        console = Console()
+        console = make_console(stderr=False)  # full lines when piped
         console.print(metrics_table(payload))
         console.print(f"report: {payload['report']}")
     return 0

@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     parser = _Parser(prog="shard_cub.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cub", help="CUB folder (train/, test/, text_*.txt)")
     parser.add_argument("--download", metavar="DIR", help="download and extract cub.zip into DIR first")
@@ -46,10 +47,20 @@ def main(argv=None) -> int:
         args.features = "resnet101"
     if not args.cub and not args.download:
         parser.error("give --cub DIR or --download DIR")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub
+    from mmvae.paths import unwritable
 
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         if args.download:
@@ -65,6 +76,10 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"{manifest['dataset']} -> {args.out} (vocabulary {manifest['params']['vocab_size']} words; {counts}) "

@@ -22,7 +22,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked (one line and exit 2 for a bad one)."""
     parser = _Parser(prog="shard_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="digits | shapes | shapes_simple | shapes_ft")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -36,20 +37,38 @@ def main(argv=None) -> int:
 
     if args.dataset not in BUILTINS:
         parser.error(f"unknown --dataset {args.dataset!r}; valid: {', '.join(sorted(BUILTINS))}")
-    kwargs = {"seed": args.seed}
-    if args.pairs_per_instance is not None:
-        if args.pairs_per_instance < 1:
-            parser.error(f"--pairs-per-instance must be >= 1, got {args.pairs_per_instance}")
-        kwargs["pairs_per_instance"] = args.pairs_per_instance
-    if args.scenes is not None:
-        if min(args.scenes) < 1:
-            parser.error(f"--scenes must be >= 1, got {args.scenes}")
-        kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
+    if args.pairs_per_instance is not None and args.pairs_per_instance < 1:
+        parser.error(f"--pairs-per-instance must be >= 1, got {args.pairs_per_instance}")
+    if args.scenes is not None and min(args.scenes) < 1:
+        parser.error(f"--scenes must be >= 1, got {args.scenes}")
     for option, datasets in OPTIONS.items():
         if getattr(args, option[2:].replace("-", "_")) is not None and args.dataset not in datasets:
             parser.error(f"{option} applies to --dataset {' / '.join(datasets)}, not {args.dataset}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    from mmvae.data.builtin import BUILTINS
+    from mmvae.paths import unwritable
+
+    kwargs = {"seed": args.seed}
+    if args.pairs_per_instance is not None:
+        kwargs["pairs_per_instance"] = args.pairs_per_instance
+    if args.scenes is not None:
+        kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    manifest = BUILTINS[args.dataset](args.out, **kwargs)
+    try:
+        manifest = BUILTINS[args.dataset](args.out, **kwargs)
+    except OSError as err:  # disk full, I/O error: the manifest is written last, so the folder
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)  # reads as not built and a rerun starts over
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"{args.dataset} -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")

@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     parser = _Parser(prog="shard_mnist_svhn.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", help="folder with the MNIST idx files")
@@ -38,10 +39,20 @@ def main(argv=None) -> int:
         parser.error("--pairs-per-instance, --max-per-class, --min-shards must be >= 1 and --shard-size-mb > 0")
     if not args.download and not (args.mnist and args.svhn):
         parser.error("give --mnist DIR and --svhn DIR, or --download DIR")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
+    from mmvae.paths import unwritable
 
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
     start = time.perf_counter()
     try:
         if args.download:
@@ -54,6 +65,10 @@ def main(argv=None) -> int:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
+        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
+              f"and run again", file=sys.stderr)
+        return 1
     counts = ", ".join(f"{split}: {info['num_samples']} pairs in {len(info['shards'])} shards"
                        for split, info in manifest["splits"].items())
     print(f"mnist_svhn -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")

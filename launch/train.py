@@ -19,8 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from mmvae.config import ConfigError, describe, load_config  # noqa: E402
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints usage + message)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+    p = _Parser(prog="train.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
     p.add_argument("--resume", help="'auto' (the newest usable checkpoint of run.dir, or of the "
@@ -38,15 +43,25 @@ def main(argv=None) -> int:
         return 0
     try:
         cfg = load_config(args.config, args.overrides)
-        from mmvae.train.dist import is_main_process
-        from mmvae.train.loop import TrainingStopped, fit
+    except ConfigError as err:  # before torch is imported: a bad config fails in a second
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Imported outside the `try` that names them: an error raised while importing (or in
+    # load_config) must show as itself, not as a NameError of the except clause.
+    from mmvae.train.dist import is_main_process
+    from mmvae.train.loop import TrainingStopped, fit
 
+    try:
         run_dir, status = fit(cfg, resume=args.resume)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the checkpoints written so far are complete (atomic)
+        print("interrupted: the last checkpoint is kept; continue with the same command and "
+              "--resume auto", file=sys.stderr)
         return 1
     if is_main_process():  # one line for scripts to read, not one per rank
         print(f"{status}: {run_dir}")

@@ -4,12 +4,18 @@ Precedence is command line > YAML file > defaults. Every field carries a comment
 it does; `python launch/train.py --help-config` prints them. A config is validated once, by
 `load_config`, and then treated as read-only; the resolved config is saved with the run.
 
+Values are YAML scalars with YAML 1.2 booleans (only true/false): `no`, `off`, `yes`, `on` are
+the strings they look like (`train.mixed_precision=no`), which boolean keys also accept. Numbers
+are finite and in range (`POSITIVE`, `NON_NEGATIVE`).
+
 Errors are `ConfigError` (a `ValueError`) with a one-line message that names the valid keys or
 the fix; entry points turn it into exit code 2 before anything is written.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A bad configuration: unknown key, wrong type, impossible value, missing file."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with the booleans of YAML 1.2: only true/false (any case). PyYAML's YAML 1.1 also
+    reads yes/no/on/off as booleans, which turned `train.mixed_precision=no` into False; here
+    they stay strings, and boolean keys accept them (`_coerce`)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool",
+                              re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+BOOL_WORDS = {"true": True, "yes": True, "on": True, "false": False, "no": False, "off": False}
+
+
+def parse_yaml(text: str):
+    """A YAML document as plain Python values, booleans only from true/false (`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 @dataclass
@@ -90,7 +115,7 @@ class TrainConfig:
     seed: int = 1
     """Seed of parameters, data order and particle noise."""
     lr: float = 1e-3
-    """Adam learning rate (amsgrad, as the paper)."""
+    """Adam learning rate (amsgrad, as the paper); > 0."""
     init_from: str = ""
     """Start a fresh run from these weights: a run folder or its model/ (e.g. one written by
     launch/import_paper_model.py), same model section; the optimiser starts afresh. Ignored
@@ -216,12 +241,13 @@ CHOICES = {
     "eval.coherence_pairs": ("auto", "unique", "shards"),
     "eval.embedding": ("umap", "tsne", "pca"),
 }
-POSITIVE = ("model.latent_dim", "objective.K", "data.batch_size", "parallel.particle_shards",
+POSITIVE = ("model.latent_dim", "objective.K", "train.lr", "data.batch_size",
+            "parallel.particle_shards",
             "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
             "eval.likelihood_batch", "eval.coherence_samples", "eval.plot_batch",
             "eval.toy_datapoints", "eval.cca_k", "eval.cca_samples")
 NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.max_steps",
-                "train.lr", "train.grad_clip", "train.log_every", "train.checkpoint_every",
+                "train.grad_clip", "train.log_every", "train.checkpoint_every",
                 "train.test_every", "train.test_batches", "train.eval_every", "model.llik_scaling",
                 "eval.k_chunk", "model.num_hidden_layers", "model.vocab_size", "eval.max_datapoints",
                 "eval.classifier_epochs", "eval.latent_max_train", "eval.likelihood_datapoints")
@@ -247,17 +273,24 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in BOOL_WORDS:
+            return BOOL_WORDS[value.lower()]
     elif origin is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif origin is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # nan/inf would pass every range check below
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+            return number
     elif origin is str:
         if isinstance(value, str):
             return value
@@ -285,11 +318,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in tree.items():
         key = f"{prefix}{k}"
+        if not prefix and k in _sections() and v is None:
+            continue  # an empty section (`model:` with nothing under it) keeps the defaults
         if isinstance(v, dict) and not prefix:
             if k not in _sections():
                 raise ConfigError(f"unknown config section {k!r}; valid sections: "
                                   f"{', '.join(_sections())}")
             out.update(_flatten(v, key + "."))
+        elif not prefix and k in _sections():
+            raise ConfigError(f"config section {k!r} holds {v!r}, not keys; write its keys "
+                              f"indented on the lines under `{k}:`, or drop it")
         else:
             out[key] = v
     return out
@@ -301,7 +339,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key=value (e.g. objective.K=50)")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = parse_yaml(raw) if raw != "" else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: cannot parse value ({err.problem})") from None
     return key.strip(), value
@@ -312,6 +350,10 @@ def validate(cfg: Config) -> Config:
 
     The model name is checked by `mmvae.registry` (config sits below the models)."""
     flat = to_dict(cfg)
+    for key in valid_keys():  # also for configs built in code, which skip `_coerce`
+        s, k = key.split(".")
+        if isinstance(flat[s][k], float) and not math.isfinite(flat[s][k]):
+            raise ConfigError(f"{key}: expected a finite number, got {flat[s][k]}")
     for key, choices in CHOICES.items():
         s, k = key.split(".")
         if flat[s][k] not in choices:
@@ -350,7 +392,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} not found (see configs/ for examples)")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = parse_yaml(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}: {err.reason}); save "
+                              f"the config as UTF-8") from None
+        except OSError as err:
+            raise ConfigError(f"config file {str(path)!r} cannot be read: "
+                              f"{err.strerror or err}") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: invalid YAML ({err})".replace("\n", " ")) from None
         if not isinstance(tree, dict):

@@ -1,20 +1,115 @@
-"""Console, progress bar and the metrics file; rank-aware (only the main process writes).
+"""Console, progress bars and the metrics file; rank-aware (only the main process writes).
 
 `metrics.jsonl` holds one JSON object per logged event: {"step", "epoch", "split", ...values}.
 Trackers (W&B) are reached through the Accelerator by the trainer; this module only formats.
+
+Progress: `track(iterable, description, total)` shows a phase (test bound, evaluation metrics,
+pictures, classifier training) with its count, elapsed time and eta. On a terminal it is a rich
+bar, a task of the bar already on screen if there is one (`Board`: rich shows one live display
+at a time); elsewhere (a pipe, a cluster's log file) it is a plain line every
+`LINE_EVERY_S` seconds, and the console never wraps or cuts a line.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import time
 from pathlib import Path
+from typing import Iterable
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
-console = Console(stderr=True)
+LINE_EVERY_S = 30.0
+"""Seconds between two progress lines when the console is not a terminal."""
+
+
+def make_console(stderr: bool = True) -> Console:
+    """A rich console; when it is not a terminal (piped, redirected to a job log) lines are kept
+    whole: rich would otherwise wrap them at 80 columns, which breaks scripts reading the last
+    line and cluster logs."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, soft_wrap=True, width=100_000)
+
+
+console = make_console()
+_BOARDS: list["Board"] = []  # the live progress displays, innermost last
+
+
+def _columns(*extra: ProgressColumn) -> list[ProgressColumn]:
+    return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), *extra,
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+
+
+class Board(Progress):
+    """A rich Progress that phases started while it is live (`track`) join as tasks."""
+
+    def __init__(self, *columns: ProgressColumn, transient: bool = True):
+        super().__init__(*(columns or _columns()), console=console, transient=transient,
+                         refresh_per_second=2)
+
+    def start(self) -> None:
+        super().start()
+        _BOARDS.append(self)
+
+    def stop(self) -> None:
+        if self in _BOARDS:
+            _BOARDS.remove(self)
+        super().stop()
+
+
+def track(iterable: Iterable, description: str, total: int | None = None,
+          enabled: bool = True):
+    """Yield from `iterable`, showing `description`, the count (of `total`), elapsed and eta.
+
+    Shown when `enabled` or when a `Board` is live (the caller's progress is on: a phase inside
+    it shows too); a no-op otherwise."""
+    if total is None and hasattr(iterable, "__len__"):
+        total = len(iterable)
+    board = _BOARDS[-1] if _BOARDS else None
+    if board is None and not enabled:
+        yield from iterable
+    elif not console.is_terminal:
+        yield from _lines(iterable, description, total)
+    elif board is not None:
+        task = board.add_task(description, total=total)
+        try:
+            for item in iterable:
+                yield item
+                board.advance(task)
+        finally:
+            board.remove_task(task)
+    else:
+        with Board() as own:
+            yield from track(iterable, description, total)
+            own.refresh()
+
+
+def _lines(iterable: Iterable, description: str, total: int | None):
+    """Progress as plain lines (not a terminal): at the start, every LINE_EVERY_S, at the end."""
+    of = f"/{total}" if total else ""
+    console.print(f"{description}: 0{of}")
+    start = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= LINE_EVERY_S and not (total and done >= total):  # the end says it
+            last, elapsed = now, now - start
+            eta = (f", eta {_clock(elapsed / done * (total - done))}"
+                   if total and done < total else "")
+            console.print(f"{description}: {done}{of}, {_clock(elapsed)} elapsed{eta}")
+    console.print(f"{description}: {done}{of} in {_clock(time.perf_counter() - start)}")
+
+
+def _clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _clean(value):
@@ -38,20 +133,26 @@ class MetricsLog:
         return event
 
 
+class _TrainFields(ProgressColumn):
+    """loss, bound and samples/s of the training task (blank for the other phases' tasks)."""
+
+    def render(self, task) -> Text:
+        if "loss" not in task.fields:
+            return Text("")
+        f = task.fields
+        return Text(f"loss {f['loss']:.2f}  bound {f['bound']:.2f}  {f['rate']:.0f} samples/s")
+
+
 class TrainProgress:
-    """A rich progress bar with loss, bound, samples/s and ETA; a no-op when disabled."""
+    """A rich progress bar with loss, bound, samples/s and ETA; a no-op when disabled. Phases
+    that run between training steps (test bound, pictures, metrics) show as tasks under it."""
 
     def __init__(self, enabled: bool, total: int, start: int = 0):
         self.enabled = enabled
         self._t0, self._n = time.perf_counter(), 0
         if not enabled:
             return
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.2f}  bound {task.fields[bound]:.2f}  "
-                       "{task.fields[rate]:.0f} samples/s"),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            console=console, transient=False, refresh_per_second=2)
+        self.progress = Board(*_columns(_TrainFields()), transient=False)
         self.task = self.progress.add_task("train", total=total, completed=start, loss=math.nan,
                                            bound=math.nan, rate=0.0)
         self.progress.start()

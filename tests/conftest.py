@@ -29,11 +29,6 @@ def gaussian_pair():
     return model
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: needs a SLURM cluster (tests/test_slurm.py brings "
-                                       "one up on loopback with scripts/slurm_local.sh)")
-
-
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory):
     """Tiny built-in digits shards (30 training pairs in 4 shards): 7 steps per epoch on one

@@ -1,4 +1,5 @@
 """Config: YAML + dotted overrides, validation with one-line errors, exit code 2, nothing written."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,11 +37,61 @@ def test_saved_config_round_trips(tmp_path):
     (["objective.K=30", "parallel.particle_shards=4"], "not divisible"),
     (["train.mixed_precision=fp8"], "no, bf16, fp16"),
     (["objective.K"], "key=value"),
+    (["train.lr=nan"], "train.lr: expected a finite number"),
+    (["model.llik_scaling=nan"], "model.llik_scaling: expected a finite number"),
+    (["train.grad_clip=nan"], "train.grad_clip: expected a finite number"),
+    (["train.lr=.inf"], "train.lr: expected a finite number"),
+    (["train.grad_clip=-.inf"], "train.grad_clip: expected a finite number"),
+    (["train.lr=1e999"], "train.lr: expected a finite number"),
+    (["train.lr=0"], "train.lr must be > 0"),
+    (["model.llik_scaling=-1"], "model.llik_scaling must be >= 0"),
+    (["logging.wandb=off"], "logging.wandb='off'; choose one of offline, online, disabled"),
 ])
 def test_bad_values_raise_one_line_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:
         load_config(None, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_yaml_yes_no_on_off_are_strings_for_string_keys_in_files_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  mixed_precision: no\nmodel:\n  learn_prior: yes\n"
+                    "objective:\n  looser: off\ndata:\n  builtin: on\n")
+    cfg = load_config(path)
+    assert cfg.train.mixed_precision == "no" and cfg.data.builtin == "on"
+    assert cfg.model.learn_prior is True and cfg.objective.looser is False  # booleans still read
+    cfg = load_config(None, ["train.mixed_precision=no", "run.experiment=off",
+                             "model.learn_prior=on", "objective.looser=No"])
+    assert (cfg.train.mixed_precision, cfg.run.experiment) == ("no", "off")
+    assert cfg.model.learn_prior is True and cfg.objective.looser is False
+    again = tmp_path / "saved.yaml"  # the saved config reads back the same
+    save_config(cfg, again)
+    assert to_dict(load_config(again)) == to_dict(cfg)
+
+
+def test_non_finite_floats_in_a_yaml_file_are_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: .nan\n")
+    with pytest.raises(ConfigError, match="train.lr: expected a finite number"):
+        load_config(path)
+
+
+def test_empty_section_keeps_the_defaults_and_a_scalar_section_is_one_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\nobjective:\n  K: 3\n")
+    cfg = load_config(path)
+    assert cfg.model.name == "mnist_svhn" and cfg.objective.K == 3
+    path.write_text("model: mnist\n")
+    with pytest.raises(ConfigError, match="section 'model' holds 'mnist', not keys") as err:
+        load_config(path)
+    assert "\n" not in str(err.value)
+
+
+def test_non_utf8_config_file_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("run:\n  experiment: café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8 text .*save the config as UTF-8"):
+        load_config(path)
 
 
 def test_every_documented_contract_key_exists():
@@ -59,13 +110,33 @@ def test_every_documented_contract_key_exists():
     (["--config", "configs/demo.yaml", "model.name=nope"], "valid: .*mnist_svhn"),
     (["--config", "configs/mnist_svhn.yaml", "data.shards={tmp}/none"],
      "shard_mnist_svhn.py"),
+    # the README's own advice (YAML 1.1 read `no` as False)
+    (["--config", "configs/demo.yaml", "train.mixed_precision=no", "train.lr=nan"],
+     "train.lr: expected a finite number"),
+    # UnicodeDecodeError, then an UnboundLocalError of the `except` that named TrainingStopped
+    (["--config", "{tmp}/latin1.yaml"], "not UTF-8"),
+    # not writable although root passes os.access there; used to say "0.0 MiB free"
+    (["--config", "configs/demo.yaml", "run.dir=/proc/nope/run"],
+     "run folder /proc/nope/run cannot be written: /proc does not allow new files"),
+    (["--config", "configs/demo.yaml", "run.dir={tmp}/afile/run"], "afile is not a folder"),
+    # the built-in dataset cannot be built where data.shards points: no PermissionError traceback
+    (["--config", "configs/demo.yaml", "data.shards=/proc/nope/shards"],
+     "data.builtin=digits cannot be built into data.shards=/proc/nope/shards: /proc does not"),
+    (["--config", "configs/demo.yaml", "data.shards={tmp}/afile/shards"],
+     "data.builtin=digits cannot be built .*afile is not a folder"),
+    (["--config", "configs/demo.yaml", "--no-such-option"], "unrecognized arguments"),
 ])
 def test_train_entry_point_exits_2_and_writes_nothing(tmp_path, args, match):
     run_dir = tmp_path / "run"
-    args = [a.format(tmp=tmp_path) for a in args] + [f"run.dir={run_dir}", "logging.wandb=disabled"]
-    proc = subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "latin1.yaml").write_bytes("run:\n  experiment: café\n".encode("latin-1"))
+    (tmp_path / "afile").write_text("not a folder")
+    args = [a.format(tmp=tmp_path) for a in args]
+    if not any(a.startswith("run.dir=") for a in args):
+        args.append(f"run.dir={run_dir}")
+    proc = subprocess.run([sys.executable, "launch/train.py", *args, "logging.wandb=disabled"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and __import__("re").search(match, last), last
-    assert not run_dir.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert re.match(r"(train.py: )?error: ", lines[0]) and re.search(match, lines[0]), lines[0]
+    assert not run_dir.exists() and not (tmp_path / "shards").exists()

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmvae.log import track
+
 NUM_CLASSES = 10
 CACHE_DIR = "classifiers"
 
@@ -92,7 +94,9 @@ def train_classifier(images, labels, *, epochs: int = 30, batch_size: int = 128,
         net = DigitClassifier(x.shape[1], x.shape[-1]).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=lr)
         net.train()
-        for _ in range(epochs):
+        # shown when the caller's progress bar is on (evaluation, training)
+        for _ in track(range(epochs), f"classifier training ({len(x)} images)", epochs,
+                       enabled=False):
             for idx in torch.randperm(len(x), generator=generator).split(batch_size):
                 loss = F.nll_loss(net(x[idx].to(device)), y[idx].to(device))
                 opt.zero_grad(set_to_none=True)

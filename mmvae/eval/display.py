@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mmvae.log import track
 from mmvae.models.captions import EOS
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,9 @@ def build_feature_index(shards_dir, split: str = "train", *, out_dir=None, batch
     raw = [p.with_name(p.name + ".raw.tmp") for p in final]
     seen, count, shapes = set(), 0, None
     with open(raw[0], "wb") as f_out, open(raw[1], "wb") as i_out:
-        for batch in loader:
+        # once per shards folder, a pass over the whole split: say so (and its eta)
+        for batch in track(loader, f"nearest-image index of the {split} features (pictures)",
+                           len(loader)):
             feats = batch[feature_key].float().numpy().astype(np.float32)
             images = np.rint(batch[image_key].numpy() * 255).astype(np.uint8)
             shapes = feats.shape[1:], images.shape[1:]

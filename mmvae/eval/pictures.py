@@ -4,8 +4,9 @@ Called by the trainer every test epoch and by ``evaluate``, so it stays cheap: o
 M*M decoder calls on n images, and torchvision's ``make_grid``/``save_image``. Modalities of
 different sizes and channels are put side by side as the paper does: each image is padded
 (centred) to the largest height/width and grey images are repeated to RGB, so MNIST 28x28 sits
-next to SVHN 32x32. Modalities that are not images (C, H, W) (e.g. the linear-Gaussian toys)
-have no picture: the functions then write nothing and return [].
+next to SVHN 32x32. Reconstruction grids label their rows ("input mnist", "mnist
+reconstruction", "mnist -> svhn", ...) and every image is drawn `SCALE` times its size.
+Modalities that are not images (C, H, W) (e.g. the linear-Gaussian toys) have no picture: the functions then write nothing and return [].
 
 Models with captions or ResNet features (cubIS, cubISft, cub_sentence, cub_image_ft) are shown
 as "panels": images as they are, features as their nearest training image (`feature_index`, a
@@ -38,6 +39,11 @@ from mmvae.eval import eval_mode
 from mmvae.models.captions import CaptionLikelihood
 
 
+SCALE = 2
+"""Image-model pictures are drawn at this many screen pixels per image pixel: a 28x28 digit at
+its own size is too small to read (the grid was 272 px wide)."""
+
+
 def is_image_model(model) -> bool:
     """Every modality is an image (C, H, W) with C in {1, 3}."""
     return all(len(e.data_shape) == 3 and e.data_shape[0] in (1, 3) for e in model.experts)
@@ -62,8 +68,8 @@ def reconstruction_grid(model, xs: Sequence[torch.Tensor], n: int = 8) -> tuple[
     """All rows of the reconstruction figure, (rows * n, 3, H, W), and one caption per row.
 
     For every expert r (a block of M + 1 rows): the n inputs x_r, then for every modality d
-    the decoder-d mean of one posterior sample z ~ q_r(z | x_r) (d = r: reconstruction;
-    d != r: cross-generation).
+    the decoder-d mean of one posterior sample z ~ q_r(z | x_r) (d = r: "r reconstruction";
+    d != r: the cross-generation "r -> d").
     """
     xs = [x[:n] for x in xs]
     with eval_mode(model):
@@ -75,7 +81,7 @@ def reconstruction_grid(model, xs: Sequence[torch.Tensor], n: int = 8) -> tuple[
         captions.append(f"input {names[r]}")
         for d, images in enumerate(decoded):
             rows.append(to_rgb_canvas(images, size))
-            captions.append(f"{names[d]} decoded from q_{names[r]}(z|x_{names[r]})")
+            captions.append(f"{names[r]} reconstruction" if d == r else f"{names[r]} -> {names[d]}")
     return torch.cat(rows), captions
 
 
@@ -92,7 +98,8 @@ def save_reconstructions(model, xs: Sequence[torch.Tensor], path, n: int = 8, *,
     images, captions = reconstruction_grid(model, xs, n)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=n, padding=2, pad_value=1.0)
+    rows = [(label, ("images", images[i * n:(i + 1) * n])) for i, label in enumerate(captions)]
+    _pairs_figure(rows, path, n, cell=SCALE * max(images.shape[-2:]) + 8)  # labelled rows
     caption = path.with_suffix(".txt")
     caption.write_text("rows, top to bottom:\n" + "\n".join(captions) + "\n")
     return [path, caption]
@@ -113,8 +120,8 @@ def save_prior_samples(model, path, n: int = 64, generator: torch.Generator | No
     written = []
     for name, images in zip(model.modalities, samples):
         out = path.with_name(f"{path.stem}_{name}.png")
-        save_image(make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2,
-                             pad_value=1.0), out)
+        grid = make_grid(images.float().cpu().clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
+        save_image(F.interpolate(grid[None], scale_factor=SCALE, mode="nearest")[0], out)
         written.append(out)
     return written
 

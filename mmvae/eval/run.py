@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import time
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from mmvae.config import PERIODIC_METRICS, Config, EvalConfig, _apply, load_config, validate
+from mmvae.config import (PERIODIC_METRICS, Config, ConfigError, EvalConfig, _apply, load_config,
+                          validate)
 from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
@@ -37,6 +39,8 @@ from mmvae.eval.likelihoods import calculate_likelihoods
 from mmvae.eval.pictures import picture_resources, save_prior_samples, save_reconstructions
 from mmvae.eval.plots import embedding_plot, kl_plot
 from mmvae.eval.report import write_report
+from mmvae.log import Board, console, track
+from mmvae.paths import unwritable
 from mmvae.registry import load_model
 
 DIGIT_MODALITIES = frozenset({"mnist", "svhn"})
@@ -82,14 +86,8 @@ class EvalContext:
         return (self.shards_dir / f"unique_{split}.npz").is_file()
 
     def track(self, iterable: Iterable, description: str, total: int | None = None):
-        if self.progress is None:
-            yield from iterable
-            return
-        task = self.progress.add_task(description, total=total)
-        for item in iterable:
-            yield item
-            self.progress.advance(task)
-        self.progress.remove_task(task)
+        """`mmvae.log.track`: a task with count and eta under the evaluation's progress bar."""
+        return track(iterable, description, total, enabled=self.progress is not None)
 
     def labelled_batches(self, split: str = "test", batch_size: int | None = None):
         """(xs, labels) batches, xs in model.modalities order (on CPU: a metric moves the
@@ -220,13 +218,21 @@ def metric_pictures(ctx: EvalContext) -> dict:
     xs, labels = next(iter(ctx.labelled_batches("test", ctx.options.plot_batch)))
     xs, out = [x.to(ctx.device) for x in xs], ctx.out_dir
     gen = torch.Generator(device=ctx.device).manual_seed(ctx.seed)
+    # the feature index of feature models is built here on first use: a pass over the train split
     extras = {} if ctx.is_toy else picture_resources(ctx.shards_dir, ctx.model)
-    files = list(save_reconstructions(ctx.model, xs, out / "reconstructions.png", **extras))
-    files += save_prior_samples(ctx.model, out / "prior_samples.png", generator=gen, **extras)
-    emb = embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels, seed=ctx.seed,
-                         method=ctx.options.embedding)
-    kls = kl_plot(ctx.model, xs, out / "kl_per_dimension.png")
-    files += [emb["path"], kls["path"]]
+    made = {}
+    steps = {
+        "reconstructions": lambda: save_reconstructions(ctx.model, xs, out / "reconstructions.png",
+                                                        **extras),
+        "prior samples": lambda: save_prior_samples(ctx.model, out / "prior_samples.png",
+                                                    generator=gen, **extras),
+        "embedding": lambda: embedding_plot(ctx.model, xs, out / "embedding.png", labels=labels,
+                                            seed=ctx.seed, method=ctx.options.embedding),
+        "kl": lambda: kl_plot(ctx.model, xs, out / "kl_per_dimension.png")}
+    for name in ctx.track(list(steps), "pictures (reconstructions, prior samples, embedding, KL)"):
+        made[name] = steps[name]()
+    emb, kls = made["embedding"], made["kl"]
+    files = [*made["reconstructions"], *made["prior samples"], emb["path"], kls["path"]]
     rel = [str(Path(f).relative_to(ctx.run_dir)) for f in files]
     return {"values": {}, "files": rel, "embedding_method": emb["method"],
             "embedding_points": emb["points"], "mean_kl": kls["mean_kl"]}
@@ -287,9 +293,7 @@ def metric_attributes(ctx: EvalContext) -> dict:
 
 
 def _console_log(message: str) -> None:
-    from rich.console import Console
-
-    Console(stderr=True).print(f"[dim]{message}[/dim]")
+    console.print(f"[dim]{message}[/dim]")
 
 
 METRICS: dict[str, Callable[[EvalContext], dict]] = {
@@ -360,14 +364,8 @@ def check_metrics(names: Sequence[str], ctx: EvalContext) -> None:
         raise ValueError("; ".join(reasons))
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+def _progress(enabled: bool) -> Board | None:
+    return Board() if enabled else None
 
 
 def _json_default(obj):
@@ -388,12 +386,15 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {str(run_dir)!r} not found")
     cfg = load_config(run_dir / "config.yaml", list(overrides))
+    _refuse_model_changes(run_dir, cfg)
+    if problem := unwritable(run_dir / EVAL_DIR):
+        raise ValueError(f"run folder {run_dir} cannot take the evaluation's files: {problem}")
     names = list(dict.fromkeys(metrics or cfg.eval.metrics))
     explicit = bool(metrics)
     if not names:
         raise ValueError(f"no metrics chosen; valid: {', '.join(METRICS)}")
     opts = resolve_options(cfg, **options)
-    model = load_model(run_dir / "model", map_location="cpu")
+    model = _load_trained(run_dir / "model")
     toy = hasattr(model, "sample_data")  # tiny linear models: CPU (their sampler is CPU-only)
     dev = torch.device("cpu" if toy else device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
@@ -408,6 +409,32 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
     return ctx, names
 
 
+def _refuse_model_changes(run_dir: Path, cfg: Config) -> None:
+    """`model.*` overrides cannot apply: the model is rebuilt from model/model.json with the
+    trained weights. Refuse them rather than ignore them (an override equal to the run's value
+    is harmless)."""
+    trained = load_config(run_dir / "config.yaml").model
+    changed = [f"model.{f.name}={getattr(cfg.model, f.name)!r}"
+               for f in dataclasses.fields(trained)
+               if getattr(cfg.model, f.name) != getattr(trained, f.name)]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: the model of a trained run cannot change (it is "
+                          f"rebuilt from {run_dir / 'model'}); drop the model.* override(s), or "
+                          f"train a run with them")
+
+
+def _load_trained(folder: Path) -> torch.nn.Module:
+    """The run's final model; a damaged weights file is a ValueError naming the fix."""
+    try:
+        return load_model(folder, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{folder} cannot be loaded ({reason}): the file is truncated or "
+                         f"damaged; copy the run again, or train it again") from None
+
+
 def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
     """Run the metrics, write eval.json and report.md; returns the eval.json content plus
     "report" (the report's path). With several processes every one must call this: they share
@@ -419,7 +446,7 @@ def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
         if ctx.progress is not None:
             ctx.progress.start()
         try:
-            for name in names:
+            for name in ctx.track(names, f"evaluation metrics ({', '.join(names)})"):
                 if name in SHARDED or ctx.ranks.is_main:
                     began = time.perf_counter()
                     results[name] = METRICS[name](ctx)

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ from mmvae.config import Config, ConfigError, save_config, to_dict
 from mmvae.data import make_loader, read_manifest
 from mmvae.data.builtin import ensure_builtin
 from mmvae.eval import pictures
-from mmvae.log import MetricsLog, TrainProgress, console
+from mmvae.log import MetricsLog, TrainProgress, console, track
+from mmvae.paths import unwritable
 from mmvae.registry import build_model, check_model_name, load_weights, save_model
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, autocast, broadcast,
@@ -117,6 +119,11 @@ def _new_run_dir(cfg: Config) -> Path:
 
 def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
     shards = Path(cfg.data.shards)
+    if cfg.data.builtin and not (shards / "manifest.json").is_file():
+        if problem := unwritable(shards):  # every rank: none may wait for a build that fails
+            raise ConfigError(f"data.builtin={cfg.data.builtin} cannot be built into "
+                              f"data.shards={shards}: {problem}; set data.shards to a "
+                              f"writable folder")
     if cfg.data.builtin and layout.is_main:
         ensure_builtin(shards, cfg.data.builtin)
     accelerator.wait_for_everyone()
@@ -130,13 +137,10 @@ def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
 def _check_run_dir(run_dir: Path) -> Path:
     """Fail at start, before anything is written, when the run folder cannot be created or
     written; returns its nearest existing ancestor (the folder itself once it exists)."""
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    problem = ("is not a folder" if not existing.is_dir() else
-               "is not writable" if not os.access(existing, os.W_OK | os.X_OK) else None)
-    if problem:
-        raise ConfigError(f"run folder {run_dir} cannot be written: {existing} {problem}; "
+    if problem := unwritable(run_dir):
+        raise ConfigError(f"run folder {run_dir} cannot be written: {problem}; "
                           f"set run.dir to a writable folder")
-    return existing
+    return next(p for p in (run_dir, *run_dir.absolute().parents) if p.exists())
 
 
 def _check_space(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
@@ -431,9 +435,11 @@ def test_epoch(run: Run) -> dict:
     cfg, acc = run.cfg, run.accelerator
     run.wrapped.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(_loader(run, "test", train=False)):
-        if cfg.train.test_batches and i >= cfg.train.test_batches:
-            break
+    loader = _loader(run, "test", train=False)
+    n = min(len(loader), cfg.train.test_batches or len(loader))
+    batches = track(islice(loader, n), f"test bound (K={cfg.objective.K}, {n} batches)", n,
+                    enabled=cfg.logging.progress and run.layout.is_main)
+    for i, batch in enumerate(batches):
         xs = batch_inputs(batch, run.model.modalities, acc.device)
         with autocast(acc):
             values = test_bound(run.model, xs, cfg.objective.K, cfg.objective.k_chunk,

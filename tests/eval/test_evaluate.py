@@ -91,6 +91,25 @@ def test_cli(toy_run, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_truncated_weights_are_one_line_exit_2(toy_run, capsys):
+    weights = toy_run / "model" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert run_cli(["--run", str(toy_run), "--metrics", "likelihood"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated or damaged" in err[0] and "model" in err[0], err
+    assert not (toy_run / "eval.json").exists() and not (toy_run / "eval").exists()
+
+
+def test_cli_refuses_model_overrides_instead_of_ignoring_them(toy_run, capsys):
+    assert run_cli(["--run", str(toy_run), "--metrics", "likelihood", "model.latent_dim=5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "model.latent_dim=5" in err[0] and "cannot change" in err[0], err
+    assert not (toy_run / "eval.json").exists()
+    # an override equal to the trained model's value changes nothing and is accepted
+    assert run_cli(["--run", str(toy_run), "--metrics", "likelihood", "eval.iwae_K=5",
+                    "eval.toy_datapoints=10", "model.latent_dim=2"]) == 0
+
+
 def test_report_shows_paper_numbers_only_for_mnist_svhn():
     payload = {"run_dir": "runs/x", "model": "mnist_svhn", "modalities": ["mnist", "svhn"],
                "dataset": "mnist_svhn", "seed": 1, "device": "cpu", "seconds": 1.0,

@@ -16,9 +16,23 @@ def test_reconstruction_grid_layout(tmp_path):
     png, txt = paths
     assert png.stat().st_size > 0 and model.training  # mode restored
     image = np.asarray(Image.open(png))
-    # M (M + 1) = 6 rows of 8 images, every image padded to 32x32 plus 2 px of grid padding
-    assert image.shape == (6 * 34 + 2, 8 * 34 + 2, 3)
-    assert len(txt.read_text().splitlines()) == 1 + 6
+    # M (M + 1) = 6 labelled rows of 8 images, each padded to 32x32 and drawn at 2x (64 px) in
+    # a cell of 72 px, after a 150 px column of row labels
+    assert image.shape == (6 * (72 + 8), 150 + 8 * 72, 3)
+    labels = image[:, :150]  # the labels are drawn: dark pixels in every row's label cell
+    assert all((labels[r * 80:(r + 1) * 80] < 128).any() for r in range(6))
+    assert txt.read_text().splitlines() == [
+        "rows, top to bottom:", "input mnist", "mnist reconstruction", "mnist -> svhn",
+        "input svhn", "svhn -> mnist", "svhn reconstruction"]
+
+
+def test_reconstruction_images_are_drawn_at_twice_their_size(tmp_path):
+    model = mmvae.build_model("mnist", latent_dim=4)
+    x = torch.zeros(1, 1, 28, 28)
+    x[..., 10:12, 10:12] = 1.0  # a 2x2 white square
+    png, _ = save_reconstructions(model, [x], tmp_path / "r.png", n=1)
+    tile = np.asarray(Image.open(png))[4:4 + 56, 154:154 + 56].min(axis=-1)  # first input
+    assert tile.shape == (56, 56) and (tile > 250).sum() == 4 * 4  # the square, 2x2 -> 4x4
 
 
 def test_mnist_is_centred_and_expanded_to_rgb():
@@ -34,7 +48,7 @@ def test_prior_samples_one_grid_per_modality(tmp_path):
     paths = save_prior_samples(model, tmp_path / "prior_002.png", n=64, generator=gen)
     assert [p.name for p in paths] == ["prior_002_mnist.png", "prior_002_svhn.png"]
     sizes = [Image.open(p).size for p in paths]
-    assert sizes == [(8 * 30 + 2, 8 * 30 + 2), (8 * 34 + 2, 8 * 34 + 2)]
+    assert sizes == [(2 * (8 * 30 + 2),) * 2, (2 * (8 * 34 + 2),) * 2]  # drawn at 2x
 
 
 def test_non_image_models_write_nothing(tmp_path, gaussian_pair):
