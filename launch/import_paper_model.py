@@ -23,7 +23,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked."""
     p = _Parser(prog="import_paper_model.py", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="paper model folder or .zip (or a run folder with --export)")
@@ -31,7 +32,11 @@ def main(argv=None) -> int:
     p.add_argument("--export", action="store_true", help="our run folder PATH -> paper format")
     p.add_argument("--shards", help="data.shards of the run (default: shards/<dataset>)")
     p.add_argument("--download", metavar="DIR", help="fetch the released model PATH into DIR first")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.interop.paper import InteropError, export_paper_model, import_paper_model

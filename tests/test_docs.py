@@ -96,7 +96,10 @@ def check_command(tokens: list[str]) -> None:
     module = launcher(name)
     parsed = module.parse_args(args)
     if name == "train":
-        load_config(parsed.config, parsed.overrides)
+        # a run folder's config.yaml (e.g. an imported model) exists only after that run: the
+        # overrides are still checked, against the defaults
+        config = None if parsed.config and parsed.config.startswith("runs/") else parsed.config
+        load_config(config, parsed.overrides)
     elif name == "bench":
         load_config(None, module.DEFAULTS + parsed.overrides)
     elif name in ("evaluate", "bench_eval"):
