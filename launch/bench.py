@@ -2,6 +2,7 @@
 
     python launch/bench.py                                   # mnist_svhn, dreg looser, K=30, B=128
     python launch/bench.py objective.K=1000 objective.k_chunk=50 --steps 1 --warmup 0
+    python launch/bench.py train.mixed_precision=bf16 train.compile=true --profile
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
         --dynamo_backend no launch/bench.py parallel.particle_shards=2 --threads 1
 
@@ -12,8 +13,9 @@ samples*particles/s, the peak memory (RSS of rank 0 on CPU, max allocated on GPU
 efficiency (`mmvae.perf`): the FLOP of one step (counted once, before the timing), the box's
 matmul peak in the precision in use with the same threads, achieved GFLOP/s and
 efficiency = achieved / peak -- all per process (rank 0's). `--profile` also prints the top
-operators of one step (stderr). Run one configuration per process when comparing peak RSS: the
-high-water mark never goes down.
+operators of one step (stderr). With train.compile=true the first step (which compiles the
+nets) is timed on its own: first_step_with_compile_s. Run one configuration per process when
+comparing peak RSS: the high-water mark never goes down.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ import torch  # noqa: E402
 from mmvae import perf  # noqa: E402
 from mmvae.config import load_config  # noqa: E402
 from mmvae.registry import build_model  # noqa: E402
+from mmvae.train.compiled import compile_nets  # noqa: E402
 from mmvae.train.dist import make_accelerator, make_layout  # noqa: E402
 from mmvae.train.loop import _model_kwargs  # noqa: E402
 from mmvae.train.optim import make_optimizer  # noqa: E402
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     acc = make_accelerator(cfg)
     layout = make_layout(acc, cfg)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    model = compile_nets(build_model(cfg.model.name, **_model_kwargs(cfg)), cfg.train.compile)
     optimizer = make_optimizer(model, cfg.train.lr)
     wrapped, optimizer = acc.prepare(ObjectiveModule(model, estimator_for(cfg, model.multimodal)),
                                      optimizer)
@@ -71,6 +74,11 @@ def main(argv=None) -> int:
                           looser=cfg.objective.looser and model.multimodal)
     batch = random_batch(model, cfg.data.batch_size, acc.device, seed=layout.dp_rank)
     cuda = acc.device.type == "cuda"
+    compile_s = None
+    if cfg.train.compile:  # the first step compiles the nets: time it on its own
+        t0 = time.perf_counter()
+        train_step(ctx, batch)
+        compile_s = round(time.perf_counter() - t0, 2)
     flops = perf.count_flops(lambda: train_step(ctx, batch))  # also warms up
     for ctx.step in range(1, args.warmup + 1):
         train_step(ctx, batch)
@@ -99,6 +107,7 @@ def main(argv=None) -> int:
             "K": K, "batch_size": cfg.data.batch_size, "k_chunk": cfg.objective.k_chunk,
             "processes": layout.world, "particle_shards": layout.particle_shards,
             "device": str(acc.device), "precision": cfg.train.mixed_precision,
+            "compile": cfg.train.compile, "first_step_with_compile_s": compile_s,
             "threads": torch.get_num_threads(), "step_s": round(seconds, 4),
             "samples_per_s": round(B / seconds, 1),
             "samples_particles_per_s": round(B * K / seconds, 1),

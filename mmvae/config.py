@@ -95,6 +95,9 @@ class TrainConfig:
     """no | bf16 | fp16 | auto: autocast for the networks; densities and weights stay fp32.
     auto = bf16 where the hardware has native bf16 (CUDA, CPU with avx512_bf16 or AMX), else no;
     the run's config.yaml records the choice."""
+    compile: bool = False
+    """torch.compile the per-modality encoders and decoders (values and gradients as eager;
+    the first steps pay the compile time, minutes on a small CPU)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = off; the paper does not clip)."""
     log_every: int = 10

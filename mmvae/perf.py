@@ -66,22 +66,22 @@ def _best_matmul_seconds(n: int, dtype: torch.dtype, device: torch.device, repea
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                max_n: int | None = None, repeats: int = 5, min_seconds: float = 0.02) -> Peak:
-    """The best FLOP/s of an n x n x n matmul in `dtype` with the current thread count: n doubles
-    from 256 until one matmul takes `min_seconds` (timer noise negligible) or reaches `max_n`
-    (2048 on CPU, 8192 on CUDA); then the best of `repeats` timed calls. Best-of-N, since a
-    shared box only ever makes a matmul slower."""
+                max_n: int | None = None, repeats: int = 5, max_call_seconds: float = 0.25) -> Peak:
+    """The best FLOP/s of square n x n x n matmuls in `dtype` with the current thread count: n
+    doubles from 256 to `max_n` (2048 on CPU, 8192 on CUDA), or until one call takes
+    `max_call_seconds`; best of `repeats` calls at each size, best over the sizes. Best-of, and
+    several sizes, because a shared box only ever makes a matmul slower, and a small one (a
+    few scheduler ticks) can lose a whole tick to another process."""
     device = torch.device(device)
     max_n = max_n or (8192 if device.type == "cuda" else 2048)
-    n = min(256, max_n)
+    best, n = Peak(0.0, 0, dtype, torch.get_num_threads()), min(256, max_n)
     while True:
-        seconds = _best_matmul_seconds(n, dtype, device, repeats=1 if n < max_n else repeats)
-        if n >= max_n or seconds >= min_seconds:
-            break
-        n = min(2 * n, max_n)
-    if n < max_n:  # stopped early on time: the best of `repeats` at this size
         seconds = _best_matmul_seconds(n, dtype, device, repeats)
-    return Peak(2 * n**3 / seconds, n, dtype, torch.get_num_threads())
+        if 2 * n**3 / seconds > best.flops_per_s:
+            best = Peak(2 * n**3 / seconds, n, dtype, best.threads)
+        if n >= max_n or seconds >= max_call_seconds:
+            return best
+        n = min(2 * n, max_n)
 
 
 def efficiency(flops: int, seconds: float, peak: Peak) -> dict:

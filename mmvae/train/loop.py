@@ -26,6 +26,7 @@ from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
 from mmvae.registry import build_model, check_model_name, save_model
 from mmvae.train import checkpoint as ckpt
+from mmvae.train.compiled import compile_nets
 from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, broadcast, make_accelerator,
                               make_layout, release, start_trackers)
 from mmvae.train.optim import make_optimizer
@@ -181,7 +182,7 @@ def _setup(cfg: Config, accelerator, resume_from: Path | None) -> Context:
     _ensure_shards(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
-    model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    model = compile_nets(build_model(cfg.model.name, **_model_kwargs(cfg)), cfg.train.compile)
     _check_space(run_dir, model, cfg)
     optimizer = make_optimizer(model, cfg.train.lr)
     state, meta = None, None
