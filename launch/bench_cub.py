@@ -7,9 +7,11 @@
 
 Random images in [0, 1] / non-negative features, and captions of 8-31 random tokens + <eos> +
 <pad> over a vocabulary of --vocab-size (CUB: 1590). Prints one JSON line: samples/s,
-samples*particles/s and the peak memory (max RSS of the process on CPU,
-torch.cuda.max_memory_allocated on GPU). Run one configuration per process: the RSS high-water
-mark never goes down.
+samples*particles/s, the peak memory (max RSS of the process on CPU,
+torch.cuda.max_memory_allocated on GPU) and the efficiency (`mmvae.perf`: FLOP of one step,
+counted once before the timing; the box's matmul peak in --precision with the same threads;
+efficiency = achieved / peak). `--profile` also prints the top operators of one step (stderr).
+Run one configuration per process: the RSS high-water mark never goes down.
 """
 from __future__ import annotations
 
@@ -24,10 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from mmvae import build_model, objectives  # noqa: E402
+from mmvae import build_model, objectives, perf  # noqa: E402
 from mmvae.models.cub import CaptionVAE  # noqa: E402
 from mmvae.parallel import backward_objective  # noqa: E402
 from mmvae.train.optim import make_optimizer  # noqa: E402
+from mmvae.train.precision import auto_precision  # noqa: E402
 
 
 def random_batch(model, B: int, vocab_size: int, generator: torch.Generator) -> list[torch.Tensor]:
@@ -68,10 +71,12 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--precision", default="no", choices=["no", "bf16", "fp16", "auto"],
+                   help="autocast dtype; auto = bf16 where native (as train.mixed_precision)")
     p.add_argument("--logits-loss", action="store_true",
                    help="score captions from full logits instead of the fused likelihood")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--profile", action="store_true", help="print the top operators of one step")
     return p.parse_args(argv)
 
 
@@ -83,6 +88,8 @@ def main(argv=None) -> int:
         CaptionVAE.log_likelihood = _logits_loss
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if args.precision == "auto":
+        args.precision = auto_precision(device.type)[0]
     model = build_model(args.model, latent_dim=args.latent_dim, learn_prior=True,
                         vocab_size=args.vocab_size).to(device)
     opt = make_optimizer(model, 1e-3)
@@ -101,6 +108,7 @@ def main(argv=None) -> int:
         opt.step()
 
     rss_before = max_rss_mb()
+    flops = perf.count_flops(step)  # once, outside the timing
     for _ in range(args.warmup):
         step()
     if device.type == "cuda":
@@ -114,6 +122,9 @@ def main(argv=None) -> int:
     seconds = (time.perf_counter() - t0) / args.steps
     cpu_seconds = (time.process_time() - c0) / args.steps
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else max_rss_mb())
+    matmul = perf.matmul_peak(perf.precision_dtype(args.precision), device)
+    if args.profile:
+        print(perf.profile_table(step, device), file=sys.stderr)
     result = {"model": args.model, "objective": args.objective, "looser": args.looser, "K": args.K,
               "batch_size": args.batch_size, "k_chunk": args.k_chunk,
               "vocab_size": args.vocab_size, "latent_dim": args.latent_dim,
@@ -122,7 +133,8 @@ def main(argv=None) -> int:
               "step_s": round(seconds, 2), "cpu_s_per_step": round(cpu_seconds, 2),
               "samples_per_s": round(args.batch_size / seconds, 3),
               "samples_particles_per_s": round(args.batch_size * args.K / seconds, 1),
-              "peak_mem_mb": round(peak, 1), "rss_before_steps_mb": round(rss_before, 1)}
+              "peak_mem_mb": round(peak, 1), "rss_before_steps_mb": round(rss_before, 1),
+              **perf.efficiency(flops, seconds, matmul)}
     print(json.dumps(result))
     return 0
 

@@ -6,8 +6,12 @@
    the run's shards (the digits test set has 7,180), with the time per 1,000 datapoints and the
    projection to the whole test set.
 
-Without --run, a demo run is trained first (configs/demo.yaml, train.max_steps=50). Reports wall
-and CPU (process) seconds and the load average, since the box may be shared; writes --out JSON.
+For 2 also the efficiency (`mmvae.perf`): the FLOP per datapoint, counted once on one
+likelihood batch before the timing, achieved GFLOP/s against the box's fp32 matmul peak (the
+evaluation runs in fp32) with the same threads. `--profile` prints the top operators of that
+batch. Without --run, a demo run is trained first (configs/demo.yaml, train.max_steps=50).
+Reports wall and CPU (process) seconds and the load average, since the box may be shared;
+writes --out JSON.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ def parse_args(argv):
                    help="test pairs of the IWAE-1000 timing (0 = the whole test set)")
     p.add_argument("--skip-full", action="store_true", help="only time IWAE-1000")
     p.add_argument("--out", default="", help="write the figures to this JSON file")
+    p.add_argument("--profile", action="store_true",
+                   help="print the top operators of one IWAE-1000 likelihood batch")
     p.add_argument("overrides", nargs="*", help="config overrides of the full evaluation, "
                    "e.g. eval.max_datapoints=500")
     return p.parse_args(argv)
@@ -58,6 +64,7 @@ def main(argv=None) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from mmvae import perf
     from mmvae.eval.run import prepare
 
     if args.run:  # a bad run folder or override: one line before any timing
@@ -81,9 +88,17 @@ def main(argv=None) -> int:
         table.add_row("full evaluation", f"{t['wall_s']:.1f}", f"{t['cpu_s']:.1f}",
                       f"{t['load_before']:.1f}", per_metric)
     n = args.iwae_datapoints
-    payload, t = timed(lambda: evaluate_run(run, ["likelihood"], ["eval.iwae_K=1000",
-                                                                  f"eval.max_datapoints={n}"],
-                                            progress=False))
+
+    def iwae(datapoints):
+        return evaluate_run(run, ["likelihood"], ["eval.iwae_K=1000",
+                                                  f"eval.max_datapoints={datapoints}"],
+                            progress=False)
+
+    one_batch = _likelihood_batch(run)
+    flop_per_pair = perf.count_flops(lambda: iwae(one_batch)) / one_batch  # outside the timing
+    if args.profile:
+        print(perf.profile_table(lambda: iwae(one_batch), _device()), file=sys.stderr)
+    payload, t = timed(lambda: iwae(n))
     lik = payload["metrics"]["likelihood"]
     done = lik["num_datapoints"]
     total = _test_size(run) or done
@@ -93,16 +108,33 @@ def main(argv=None) -> int:
                             "cpu_s_per_1000": round(t["cpu_s"] * 1000 / done, 1),
                             "projected_wall_s_test_set": round(per_1000 * total / 1000, 1),
                             "likelihood_batch": payload["options"]["likelihood_batch"],
-                            "k_chunk": lik["k_chunk"]}
+                            "k_chunk": lik["k_chunk"],
+                            "gflop_per_pair": round(flop_per_pair / 1e9, 3),
+                            **perf.efficiency(round(flop_per_pair * done), t["wall_s"],
+                                              perf.matmul_peak(torch.float32, _device()))}
+    eff = figures["iwae_1000"]
     table.add_row(f"IWAE K=1000, {done} pairs", f"{t['wall_s']:.1f}", f"{t['cpu_s']:.1f}",
                   f"{t['load_before']:.1f}",
                   f"{per_1000:.0f} s / 1000 pairs -> {per_1000 * total / 1000 / 60:.0f} min for "
-                  f"all {total}")
+                  f"all {total}; {eff['achieved_gflops']} GFLOP/s = {eff['efficiency']:.1%} of "
+                  f"the fp32 matmul peak ({eff['peak_gflops']})")
     console.print(table)
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
         console.print(f"figures: {args.out}")
     return 0
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")  # as evaluate_run
+
+
+def _likelihood_batch(run: Path) -> int:
+    from mmvae.config import load_config
+
+    return load_config(run / "config.yaml").eval.likelihood_batch
 
 
 def _test_size(run: Path) -> int | None:

@@ -121,7 +121,12 @@ class TrainConfig:
     launch/import_paper_model.py), same model section; the optimiser starts afresh. Ignored
     when resuming (the checkpoint holds the weights)."""
     mixed_precision: str = "no"
-    """no | bf16 | fp16: autocast for the networks; densities and weights stay fp32."""
+    """no | bf16 | fp16 | auto: autocast for the networks; densities and weights stay fp32.
+    auto = bf16 where the hardware has native bf16 (CUDA, CPU with avx512_bf16 or AMX), else no;
+    the run's config.yaml records the choice."""
+    compile: bool = False
+    """torch.compile the per-modality encoders and decoders (values and gradients as eager;
+    the first steps pay the compile time, minutes on a small CPU)."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this value (0 = off; the paper does not clip)."""
     log_every: int = 10
@@ -236,7 +241,7 @@ CHOICES = {
     "objective.name": ("elbo", "iwae", "dreg"),
     "objective.dreg_variant": ("unbiased", "paper", "stl"),
     "data.on_error": ("skip", "raise"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "logging.wandb": ("offline", "online", "disabled"),
     "eval.coherence_pairs": ("auto", "unique", "shards"),
     "eval.embedding": ("umap", "tsne", "pca"),

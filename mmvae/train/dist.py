@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 
 from mmvae.config import Config, ConfigError
 from mmvae.parallel import GroupReducer
+from mmvae.train.precision import resolve_precision
 
 
 @dataclass
@@ -60,7 +61,7 @@ def make_accelerator(cfg: Config) -> Accelerator:
                           "DeepSpeed")
     use_cpu = not torch.cuda.is_available() and not deepspeed
     log_with = None if cfg.logging.wandb == "disabled" else "wandb"
-    acc = Accelerator(cpu=use_cpu, mixed_precision=cfg.train.mixed_precision, log_with=log_with)
+    acc = Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(cfg), log_with=log_with)
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         # We do not `prepare` the (WebDataset) loader, so DeepSpeed cannot infer the batch size;

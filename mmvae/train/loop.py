@@ -34,6 +34,7 @@ from mmvae.log import MetricsLog, TrainProgress, console, track
 from mmvae.paths import unwritable
 from mmvae.registry import build_model, check_model_name, load_weights, save_model
 from mmvae.train import checkpoint as ckpt
+from mmvae.train.compiled import compile_nets
 from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, autocast, broadcast,
                               make_accelerator, make_layout, release, start_trackers)
 from mmvae.train.optim import make_optimizer
@@ -203,6 +204,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     model = build_model(cfg.model.name, **_model_kwargs(cfg))
     if cfg.train.init_from and resume_from is None:
         _init_from(model, cfg.train.init_from, run_dir, layout)
+    model = compile_nets(model, cfg.train.compile)
     _check_space(run_dir, model, cfg)
     meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
