@@ -17,7 +17,7 @@ from mmvae.data.__main__ import main as verify_main
 from mmvae.data.pipeline import make_loader
 from mmvae.data.recipes.common import png_batch
 from mmvae.data.recipes.digits import load_handwritten
-from mmvae.data.recipes.polydigits import MODALITIES, STYLES, build_polydigits
+from mmvae.data.recipes.polydigits import MODALITIES, STYLES, build_polydigits, compose
 from mmvae.data.writer import verify_shards
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +86,18 @@ def test_each_modality_has_its_own_background_colour_and_texture(poly_dir):
     for k, m in enumerate(MODALITIES):
         nearest = np.linalg.norm(features(test[m])[:, None] - centroids[None], axis=-1).argmin(axis=1)
         assert (nearest == k).mean() == 1.0, m
+
+
+def test_compose_blends_background_and_its_inverse_by_digit_intensity():
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    digit = rng.integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    digit[0], digit[1] = 0, 255
+    alpha, bg = digit[:, None] / 255.0, background.astype(np.float64)
+    expected = np.round((1 - alpha) * bg + alpha * (255 - bg))
+    out = compose(background, digit)
+    assert out.dtype == np.uint8 and (out == expected).all()
+    assert (out[0] == background[0]).all() and (out[1] == 255 - background[1]).all()
 
 
 def test_every_palette_keeps_the_inverted_digit_legible():
