@@ -43,7 +43,7 @@ def _shard_digests(folder) -> list[str]:
     return [s["sha256"] for split in manifest["splits"].values() for s in split["shards"]]
 
 
-def test_polydigits_is_byte_identical_for_a_seed_and_differs_for_another(poly_dir, tmp_path):
+def test_polydigits_is_byte_identical_for_a_seed_and_differs_for_another(tmp_path):
     small = {**TINY, "train_samples": 40, "test_samples": 10}
     build_polydigits(tmp_path / "a", seed=0, **small)
     build_polydigits(tmp_path / "b", seed=0, **small)
@@ -136,9 +136,10 @@ def test_polydigits_shards_verify_with_the_data_cli(poly_dir, capsys):
                                                       "palette": [[8, 50, 20], [50, 125, 55]]}
 
 
-def test_too_few_source_digits_per_class_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="fewer than the 5 modalities"):
-        build_polydigits(tmp_path, **{**TINY, "sources_per_class": 10})   # 2 test sources per class
+def test_too_few_source_digits_per_class_is_a_clear_error_that_writes_nothing(tmp_path):
+    with pytest.raises(ValueError, match="only 2 source digits in a split, fewer than the 5 modalities"):
+        build_polydigits(tmp_path / "out", **{**TINY, "sources_per_class": 10})   # 2 test sources per class
+    assert not (tmp_path / "out").exists()
 
 
 def test_shard_demo_builds_polydigits_with_its_sample_counts(tmp_path, monkeypatch, capsys):

@@ -215,16 +215,20 @@ def build_polydigits(out_dir, *, seed: int = 0, train_samples: int = 10_000, tes
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if min(train_samples, test_samples, train_shards, test_shards) < 1:
         raise ValueError("train_samples, test_samples, train_shards and test_shards must be >= 1")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST).unlink(missing_ok=True)   # "not built" until the manifest is back
     images8, labels = load_handwritten()
     keep = np.arange(len(labels)) if sources_per_class is None else np.sort(np.concatenate(
         [np.flatnonzero(labels == c)[:sources_per_class] for c in np.unique(labels)]))
+    split_sources = split_train_test(labels, keep, test_fraction, seed)
+    fewest = min(np.bincount(labels[sources]).min() for sources in split_sources)
+    if fewest < len(STYLES):   # checked before anything in out_dir changes
+        raise ValueError(f"a class has only {fewest} source digits in a split, fewer than the {len(STYLES)} "
+                         f"modalities; raise sources_per_class or test_fraction")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)   # "not built" until the manifest is back
     digits28 = np.stack([to_mnist(image)[0] for image in images8])
     textures = [make_texture(style, np.random.default_rng([seed, _TAG_TEXTURE, m])) for m, style in enumerate(STYLES)]
     splits, sizes = {}, {}
-    split_sources = split_train_test(labels, keep, test_fraction, seed)
     for split, sources, count, shards in zip(("train", "test"), split_sources, (train_samples, test_samples),
                                              (train_shards, test_shards)):
         images = render_split(split, sources, digits28, labels, textures, num_samples=count, seed=seed)
