@@ -136,6 +136,21 @@ def test_polydigits_shards_verify_with_the_data_cli(poly_dir, capsys):
                                                       "palette": [[8, 50, 20], [50, 125, 55]]}
 
 
+def test_digit_classifiers_train_and_cache_per_modality_from_the_unique_files(poly_dir, tmp_path, monkeypatch):
+    from mmvae.eval import classifiers
+    from mmvae.eval.classifiers import load_or_train_classifiers
+
+    shapes = {m: (3, 28, 28) for m in MODALITIES}
+    nets, infos = load_or_train_classifiers(poly_dir, MODALITIES, epochs=1, cache_dir=tmp_path, image_shapes=shapes)
+    assert sorted(nets) == sorted(MODALITIES)
+    assert all(info["in_channels"] == 3 and info["size"] == 28 and info["train_images"] == 200
+               and info["test_images"] == 60 for info in infos.values())
+    assert all((tmp_path / f"{m}.pt").is_file() for m in MODALITIES)
+    monkeypatch.setattr(classifiers, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached classifier"))
+    _, again = load_or_train_classifiers(poly_dir, MODALITIES, epochs=1, cache_dir=tmp_path, image_shapes=shapes)
+    assert again == infos
+
+
 def test_too_few_source_digits_per_class_is_a_clear_error_that_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match="only 2 source digits in a split, fewer than the 5 modalities"):
         build_polydigits(tmp_path / "out", **{**TINY, "sources_per_class": 10})   # 2 test sources per class
