@@ -20,6 +20,8 @@ _EXPORTS = {
     "build_mnist_svhn": "mmvae.data.recipes.mnist_svhn",
     "build_cub": "mmvae.data.recipes.cub",
     "build_shapes": "mmvae.data.recipes.shapes",
+    "build_polydigits": "mmvae.data.recipes.polydigits",
+    "build_polymnist": "mmvae.data.recipes.polymnist",
     "InputError": "mmvae.data.recipes.common",
     "ensure_builtin": "mmvae.data.builtin",
     "BUILTINS": "mmvae.data.builtin",

@@ -7,6 +7,7 @@ from pathlib import Path
 from functools import partial
 
 from mmvae.data.recipes.digits import build_digits
+from mmvae.data.recipes.polydigits import build_polydigits
 from mmvae.data.recipes.shapes import build_shapes
 from mmvae.data.writer import MANIFEST, read_manifest
 
@@ -14,9 +15,10 @@ log = logging.getLogger(__name__)
 
 # name -> builder(out_dir, **kwargs) returning the manifest. digits: MNIST-SVHN-shaped pairs;
 # shapes: CUB-shaped image-caption pairs; shapes_ft: shapes + 2048-d stand-in features (cubISft);
-# shapes_simple: one centred object per image and three fixed phrasings (the caption demo).
+# shapes_simple: one centred object per image and three fixed phrasings (the caption demo);
+# polydigits: PolyMNIST-shaped, five textured modalities m0..m4 of one digit class.
 BUILTINS = {"digits": build_digits, "shapes": build_shapes, "shapes_ft": partial(build_shapes, features=True),
-            "shapes_simple": partial(build_shapes, simple=True)}
+            "shapes_simple": partial(build_shapes, simple=True), "polydigits": build_polydigits}
 
 
 def ensure_builtin(shards_dir, dataset: str, **build_kwargs) -> dict:

@@ -161,7 +161,7 @@ def _shard_demo():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dataset", "cifar", "--out", "x"], "unknown --dataset 'cifar'; valid: digits, shapes"),
+    (["--dataset", "cifar", "--out", "x"], "unknown --dataset 'cifar'; valid: digits, polydigits, shapes"),
     (["--dataset", "digits", "--out", "x", "--pairs-per-instance", "0"], "must be >= 1"),
     (["--dataset", "digits"], "required: --out"),
     (["--dataset", "digits", "--out", "x", "--seed", "one"], "invalid int value"),

@@ -112,7 +112,7 @@ def test_shard_demo_and_ensure_builtin_build_shapes(tmp_path, capsys, monkeypatc
     (["--dataset", "shapes", "--pairs-per-instance", "3"], "--pairs-per-instance applies to --dataset digits"),
     (["--dataset", "digits", "--scenes", "3", "3"], "--scenes applies to --dataset shapes / shapes_ft / shapes_simple"),
     (["--dataset", "shapes", "--scenes", "0", "3"], "--scenes must be >= 1"),
-    (["--dataset", "cub"], "valid: digits, shapes, shapes_ft, shapes_simple"),
+    (["--dataset", "cub"], "valid: digits, polydigits, shapes, shapes_ft, shapes_simple"),
 ])
 def test_shard_demo_rejects_bad_options_in_one_line(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

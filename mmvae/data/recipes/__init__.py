@@ -12,6 +12,8 @@ _BUILDERS = {
     "build_mnist_svhn": "mmvae.data.recipes.mnist_svhn",
     "build_cub": "mmvae.data.recipes.cub",
     "build_shapes": "mmvae.data.recipes.shapes",
+    "build_polydigits": "mmvae.data.recipes.polydigits",
+    "build_polymnist": "mmvae.data.recipes.polymnist",
     "InputError": "mmvae.data.recipes.common",
 }
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,32 @@ def library_versions(*names: str) -> dict:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def png_batch(images: np.ndarray, level: int = 6) -> list[bytes]:
+    """(N, 1|3, H, W) uint8 -> one PNG file per image (8-bit grey or RGB, no interlace).
+
+    Pillow's ``Image.save`` costs ~0.3 ms of Python per small image, which dominates building
+    tens of thousands of 28×28 images. Here the PNG "Sub" row filter is applied to the whole
+    batch in numpy and each image is then only a zlib call and three chunks: any PNG decoder
+    (Pillow included) reads the result; pixels round-trip exactly."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected uint8 (N, 1|3, H, W) images, got {images.dtype} {images.shape}")
+    n, channels, height, width = images.shape
+    rows = images.transpose(0, 2, 3, 1).reshape(n, height, width * channels)
+    filtered = np.empty((n, height, 1 + width * channels), np.uint8)
+    filtered[:, :, 0] = 1                                                  # filter type 1 = Sub
+    filtered[:, :, 1:1 + channels] = rows[:, :, :channels]
+    filtered[:, :, 1 + channels:] = rows[:, :, channels:] - rows[:, :, :-channels]  # mod 256
+    header = _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2 if channels == 3 else 0, 0, 0, 0))
+    end = _png_chunk(b"IEND", b"")
+    return [_PNG_SIGNATURE + header + _png_chunk(b"IDAT", zlib.compress(f.tobytes(), level)) + end
+            for f in filtered]
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
