@@ -20,7 +20,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def main(argv=None) -> int:
+def parse_args(argv):
+    """The options, checked (one line and exit 2 for a bad one)."""
     parser = _Parser(prog="shard_polymnist.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--polymnist", required=True, help="folder with train/m*/ and test/m*/")
@@ -30,9 +31,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.min_shards < 1 or args.shard_size_mb <= 0:
         parser.error("--min-shards must be >= 1 and --shard-size-mb > 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.polymnist import build_polymnist
+    from mmvae.paths import unwritable
+
+    if problem := unwritable(args.out):
+        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
+              file=sys.stderr)
+        return 2
 
     start = time.perf_counter()
     try:

@@ -26,6 +26,7 @@ def run(name: str, argv) -> int:
     ("shard_demo", ["--dataset", "digits"]),
     ("shard_mnist_svhn", ["--mnist", "m", "--svhn", "s"]),
     ("shard_cub", ["--cub", "c"]),
+    ("shard_polymnist", ["--polymnist", "p"]),
 ])
 @pytest.mark.parametrize("out,why", [
     ("{tmp}/afile", "afile is not a folder"),             # --out an existing file
