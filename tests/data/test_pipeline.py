@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +25,9 @@ def keys_of(loader):
 
 
 def rewrite_member(path, fn):
-    """Rewrite a shard, replacing member payloads by fn(name, data) (None drops the member)."""
+    """Rewrite a shard, replacing member payloads by fn(name, data) (None drops the member),
+    and its manifest entry's size and sha256: bad data written at build time, which only the
+    per-sample checks can catch."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
@@ -33,6 +36,12 @@ def rewrite_member(path, fn):
             if data is not None:
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in (e for split in manifest["splits"].values() for e in split["shards"]):
+        if entry["file"] == path.name:
+            entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def test_batch_shapes_dtypes_ranges_and_exact_pixels(tiny_dir, tiny):
@@ -231,7 +240,7 @@ def test_pipeline_is_picklable_for_spawned_workers(tiny_dir):
     loader = make_loader(tiny_dir, "train", batch_size=4, modalities=MODS)
     clone = pickle.loads(pickle.dumps(loader.pipeline))
     assert sum(b["label"].shape[0] for b in clone) == 32
-    assert loader.stages[:5] == ("shards", "split_by_dp_group", "split_by_worker", "open", "tar")
+    assert loader.stages[:4] == ("shards", "split_by_dp_group", "split_by_worker", "read")
 
 
 def test_does_not_read_rank_env_vars(tiny_dir, monkeypatch):
