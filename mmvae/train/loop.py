@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 from mmvae.config import Config, ConfigError, save_config, to_dict
-from mmvae.data import make_loader, read_manifest
+from mmvae.data import make_loader
 from mmvae.data.builtin import ensure_builtin
+from mmvae.data.checks import check_shards
+from mmvae.data.store import REMOTE_SCHEMES
 from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console
 from mmvae.registry import build_model, check_model_name, save_model
@@ -60,6 +62,7 @@ class Context:
     batch_in_epoch: int = 0
     bad_in_row: int = 0
     bad_total: int = 0
+    data_errors: int = 0  # samples this rank's finished loaders lost (see _data_errors)
     checkpoint_failures: int = 0
     saved_at: tuple = ()  # (step, epoch, batch) of the last checkpoint written
     stop_requested: bool = False
@@ -96,15 +99,31 @@ def _find_resume(cfg: Config, resume: str | None) -> Path | None:
 
 
 def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
-    shards = Path(cfg.data.shards)
-    if cfg.data.builtin and layout.is_main:
+    """Build a missing built-in dataset, then check the shards (mmvae.data.checks): a bad
+    manifest, a missing shard or an empty split is a one-line ConfigError before anything is
+    written."""
+    remote = cfg.data.shards.startswith(REMOTE_SCHEMES)
+    shards = cfg.data.shards if remote else Path(cfg.data.shards)
+    if cfg.data.builtin and layout.is_main and not remote:
         ensure_builtin(shards, cfg.data.builtin)
     accelerator.wait_for_everyone()
-    if not (shards / "manifest.json").is_file():
+    if not remote and not (shards / "manifest.json").is_file():
         hint = SHARD_HINTS.get(cfg.model.name, "python launch/shard_demo.py --dataset digits "
                                                "--out {shards}").format(shards=shards)
         raise ConfigError(f"no shards at {shards} (manifest.json missing): build them with `{hint}`")
-    return read_manifest(shards)
+    splits = ["train"] + (["test"] if cfg.train.test_every or cfg.train.eval_every else [])
+    report = check_shards(shards, splits, verify=cfg.data.verify, on_error=cfg.data.on_error)
+    if cfg.data.verify == "sha256" and layout.is_main:
+        console.print(report.timing())
+    return report.manifest
+
+
+def _data_errors(ctx: Context, current: int = 0) -> int:
+    """Samples lost so far (finished loaders + ``current``), summed over the data-parallel
+    groups: the ranks of one particle group read the same samples, so one of them counts.
+    Collective: every rank calls it at the same point."""
+    mine = ctx.data_errors + current if ctx.layout.shard_index == 0 else 0
+    return int(all_sum([float(mine)], ctx.accelerator)[0])
 
 
 def _check_run_dir(run_dir: Path) -> Path:
@@ -206,6 +225,7 @@ def _setup(cfg: Config, accelerator, resume_from: Path | None) -> Context:
     if meta is not None:
         ctx.step, ctx.epoch, ctx.batch_in_epoch = meta["step"], meta["epoch"], meta["batch"]
         ctx.bad_total, ctx.bad_in_row = meta.get("bad_total", 0), meta.get("bad_in_row", 0)
+        ctx.data_errors = meta.get("data_errors", 0) if layout.rank == 0 else 0  # the total
         ctx.saved_at = (ctx.step, ctx.epoch, ctx.batch_in_epoch)
     return ctx
 
@@ -248,6 +268,7 @@ def save_checkpoint(ctx: Context) -> bool:
     if position == ctx.saved_at:
         return True  # e.g. a stop right after a periodic checkpoint: nothing new to save
     acc, root = ctx.accelerator, ctx.run_dir / "checkpoints"
+    ctx.history["data_errors"] = _data_errors(ctx)  # all ranks, for the checkpoint's meta
     error = _attempt(ckpt.write_rank_files, root, ctx.step, ctx.layout.rank)
     if not any_rank(error is not None, acc) and ctx.layout.is_main:
         error = _attempt(_write_and_commit, ctx, root)
@@ -281,6 +302,7 @@ def _write_and_commit(ctx: Context, root: Path) -> None:
     meta = {"step": ctx.step, "epoch": ctx.epoch, "batch": ctx.batch_in_epoch,
             "samples_per_rank": ctx.batch_in_epoch * ctx.cfg.data.batch_size,
             "bad_total": ctx.bad_total, "bad_in_row": ctx.bad_in_row, "world": ctx.layout.world,
+            "data_errors": ctx.history.get("data_errors", 0),
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
             "model": ctx.model.spec, "config": to_dict(ctx.cfg)}
     ckpt.write_main_files(root, ctx.step, state, meta)
@@ -299,13 +321,20 @@ def _loader(ctx: Context, split: str, train: bool):
                        on_error=cfg.data.on_error, resampled=cfg.data.resampled and train)
 
 
+def train_epoch(ctx: Context, progress: TrainProgress) -> None:
+    loader = _loader(ctx, "train", train=True)
+    try:
+        _train_batches(ctx, loader, progress)
+    finally:
+        ctx.data_errors += loader.errors
+
+
 def _done(ctx: Context) -> bool:
     return bool(ctx.cfg.train.max_steps) and ctx.step >= ctx.cfg.train.max_steps
 
 
-def train_epoch(ctx: Context, progress: TrainProgress) -> None:
+def _train_batches(ctx: Context, loader, progress: TrainProgress) -> None:
     cfg, acc = ctx.cfg, ctx.accelerator
-    loader = _loader(ctx, "train", train=True)
     ctx.wrapped.train()
     for i, batch in enumerate(loader):
         if i < ctx.batch_in_epoch:
@@ -320,7 +349,7 @@ def train_epoch(ctx: Context, progress: TrainProgress) -> None:
         if ctx.step % cfg.train.log_every == 0 or ctx.step == 1 or stats["skipped"]:
             event = ctx.metrics.write(ctx.step, ctx.epoch, "train", samples_per_s=rate,
                                       bad_steps=ctx.bad_total,
-                                      data_errors=getattr(loader, "errors", 0), **stats)
+                                      data_errors=_data_errors(ctx, loader.errors), **stats)
             ctx.tracker.log({f"train/{k}": v for k, v in event.items() if k != "split"},
                             step=ctx.step)
         if stats["skipped"]:
@@ -353,7 +382,8 @@ def test_epoch(ctx: Context) -> dict:
     cfg, acc = ctx.cfg, ctx.accelerator
     ctx.wrapped.eval()
     total, count = 0.0, 0
-    for i, batch in enumerate(_loader(ctx, "test", train=False)):
+    loader = _loader(ctx, "test", train=False)
+    for i, batch in enumerate(loader):
         if cfg.train.test_batches and i >= cfg.train.test_batches:
             break
         xs = batch_inputs(batch, ctx.model.modalities, acc.device)
@@ -365,9 +395,11 @@ def test_epoch(ctx: Context) -> dict:
             _save_pictures(ctx, xs)
     total, count = all_sum([total, float(count)], acc)
     bound = total / max(count, 1)
+    ctx.data_errors += loader.errors
     event = ctx.metrics.write(ctx.step, ctx.epoch, "test", bound=bound, loss=-bound,
-                              datapoints=int(count), K=cfg.objective.K)
-    ctx.tracker.log({"test/bound": bound}, step=ctx.step)
+                              datapoints=int(count), K=cfg.objective.K,
+                              data_errors=_data_errors(ctx))
+    ctx.tracker.log({"test/bound": bound, "test/data_errors": event["data_errors"]}, step=ctx.step)
     ctx.wrapped.train()
     return event
 
@@ -479,10 +511,12 @@ def _finish(ctx: Context, seconds: float, steps: int) -> None:
         ctx.history["test"] = test_epoch(ctx)
     if ctx.cfg.train.eval_every and ctx.history.get("eval", {}).get("step") != ctx.step:
         eval_epoch(ctx)
+    data_errors = _data_errors(ctx)
     if ctx.layout.is_main:
         save_model(ctx.model, ctx.run_dir / "model")
         samples = steps * ctx.cfg.data.batch_size * ctx.layout.dp_size
         summary = {"step": ctx.step, "epoch": ctx.epoch, "bad_steps": ctx.bad_total,
+                   "data_errors": data_errors,
                    "checkpoint_failures": ctx.checkpoint_failures,
                    "train_seconds": round(seconds, 2),
                    "samples_per_s": round(samples / max(seconds, 1e-9), 2),

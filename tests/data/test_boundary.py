@@ -1,0 +1,387 @@
+"""The data boundary (DESIGN.md): a corruption matrix over the built-in digits and shapes_ft
+shards, through the loader, training (launch/train.py), launch/evaluate.py and
+`python -m mmvae.data verify`: every lost sample counted with its shard named, one-line errors
+with the right exit code, nothing opened outside the folder, no run folder on bad input."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import logging
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmvae.data.__main__ import main as data_main
+from mmvae.data.checks import check_shards
+from mmvae.data.errors import ShardDataError, ShardsError
+from mmvae.data.pipeline import make_loader
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARD = "test-000001.tar"  # every case damages this shard of the test split
+MODALITIES = {"digits": ["mnist", "svhn"], "shapes_ft": ["feature", "caption"]}
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """Tiny built-in shards, built once: digits (test: 2 shards of 5) and shapes_ft (test: 2
+    shards of 10)."""
+    from mmvae.data.recipes.digits import build_digits
+    from mmvae.data.recipes.shapes import build_shapes
+
+    root = tmp_path_factory.mktemp("pristine")
+    build_digits(root / "digits", pairs_per_instance=1, sources_per_class=4, train_shards=4,
+                 test_shards=2, progress=False)
+    build_shapes(root / "shapes_ft", train_scenes=4, test_scenes=2, features=True, min_shards=2,
+                 progress=False)
+    return root
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+def _entry(manifest: dict, name: str = SHARD) -> dict:
+    return next(e for e in manifest["splits"]["test"]["shards"] if e["file"] == name)
+
+
+def _samples(path: Path) -> list[list[tarfile.TarInfo]]:
+    """The shard's members grouped by sample, in order."""
+    groups: dict[str, list] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            groups.setdefault(member.name.split(".", 1)[0], []).append(member)
+    return list(groups.values())
+
+
+def _rebuild(path: Path, key: str, fn) -> None:
+    """A shard written with bad data in it: member ``key`` of sample 1 replaced by fn(data);
+    the manifest records the new size and sha256 (only the per-sample checks can tell)."""
+    name = _samples(path)[1][0].name.split(".", 1)[0] + "." + key
+    with tarfile.open(path) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(path, "w") as tar:
+        for member, data in members:
+            data = fn(data) if member.name == name else data
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    manifest = _manifest(path.parent)
+    _entry(manifest).update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    (path.parent / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _set_file(folder: Path, name: str) -> None:
+    manifest = _manifest(folder)
+    _entry(manifest)["file"] = name
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _png(shape) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros(shape, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _npy(array) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+# --------------------------------------------------------------------------- the damage
+# Each returns how many of the shard's samples cannot be delivered. Kinds: "size" (the shard's
+# size no longer matches: caught at start under raise), "stream" (same size: caught while
+# streaming), "sample" (bad data written at build time: shard and manifest agree), "fatal"
+# (bad input: exit 2, nothing written, whatever data.on_error), "sha256" (with data.verify=sha256).
+def truncated_at_block(folder):
+    path, samples = folder / SHARD, _samples(folder / SHARD)
+    path.write_bytes(path.read_bytes()[:samples[3][0].offset])  # a 512-byte boundary: tar stays readable
+    return len(samples) - 3
+
+
+def truncated_mid_member(folder):
+    path, samples = folder / SHARD, _samples(folder / SHARD)
+    member = samples[2][1]
+    path.write_bytes(path.read_bytes()[:member.offset_data + member.size // 2])
+    return len(samples) - 2
+
+
+def garbage_bytes(folder):
+    path, samples = folder / SHARD, _samples(folder / SHARD)
+    data = bytearray(path.read_bytes())
+    start = samples[2][0].offset
+    data[start:start + 600] = np.random.default_rng(0).integers(0, 256, 600, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))  # same size: the size check passes, tarfile stops quietly
+    return len(samples) - 2
+
+
+def flipped_image_byte(folder):
+    path, samples = folder / SHARD, _samples(folder / SHARD)
+    png = next(m for m in samples[1] if m.name.endswith("mnist.png"))
+    data = bytearray(path.read_bytes())
+    data[png.offset_data + 17] ^= 0x01  # in the IHDR chunk (its CRC no longer matches)
+    path.write_bytes(bytes(data))
+    return 1
+
+
+def wrong_image_shape(folder):
+    _rebuild(folder / SHARD, "mnist.png", lambda data: _png((10, 10)))
+    return 1
+
+
+def long_caption(folder):
+    _rebuild(folder / SHARD, "caption.json", lambda data: json.dumps(list(range(3, 43))).encode())
+    return 1
+
+
+def non_utf8_caption(folder):
+    _rebuild(folder / SHARD, "caption.json", lambda data: b"\xff\xfe" + data)
+    return 1
+
+
+def nan_feature(folder):
+    _rebuild(folder / SHARD, "feature.npy", lambda data: _npy(np.full(2048, np.nan, np.float32)))
+    return 1
+
+
+def missing_shard(folder):
+    (folder / SHARD).unlink()
+    return None
+
+
+def pipe_name(folder):
+    name = "pipe:touch PWNED"
+    shutil.copy(folder / SHARD, folder / name)  # so that an existence check alone would pass
+    _set_file(folder, name)
+    return None
+
+
+def dotdot_name(folder):
+    shutil.copy(folder / SHARD, folder.parent / "outside-000001.tar")
+    _set_file(folder, "../outside-000001.tar")
+    return None
+
+
+def absolute_name(folder):
+    shutil.copy(folder / SHARD, folder.parent / "elsewhere.tar")
+    _set_file(folder, str(folder.parent / "elsewhere.tar"))
+    return None
+
+
+def wrong_sha256(folder):
+    manifest = _manifest(folder)
+    _entry(manifest)["sha256"] = "0" * 64
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return 0  # the data are intact: nothing is lost, the mismatch is reported
+
+
+CASES = {  # name: (dataset, damage, kind)
+    "truncated at a block boundary": ("digits", truncated_at_block, "size"),
+    "truncated mid-member": ("digits", truncated_mid_member, "size"),
+    "truncated caption shard": ("shapes_ft", truncated_at_block, "size"),
+    "garbage bytes": ("digits", garbage_bytes, "stream"),
+    "a flipped image byte": ("digits", flipped_image_byte, "stream"),
+    "wrong image shape": ("digits", wrong_image_shape, "sample"),
+    "over-long caption": ("shapes_ft", long_caption, "sample"),
+    "non-UTF-8 caption": ("shapes_ft", non_utf8_caption, "sample"),
+    "NaN feature": ("shapes_ft", nan_feature, "sample"),
+    "missing shard": ("digits", missing_shard, "fatal"),
+    "pipe: name": ("digits", pipe_name, "fatal"),
+    "../ name": ("digits", dotdot_name, "fatal"),
+    "absolute name": ("digits", absolute_name, "fatal"),
+    "wrong sha256": ("digits", wrong_sha256, "sha256"),
+}
+FATAL_WORDS = {"missing shard": "missing", "pipe: name": "pipe:touch PWNED",
+               "../ name": "../outside-000001.tar", "absolute name": "elsewhere.tar"}
+
+
+@pytest.fixture(params=list(CASES))
+def damaged(request, pristine, tmp_path):
+    """(case, kind, folder, lost, total test samples) for a damaged copy of the shards."""
+    dataset, damage, kind = CASES[request.param]
+    folder = tmp_path / dataset
+    shutil.copytree(pristine / dataset, folder)
+    total = _manifest(folder)["splits"]["test"]["num_samples"]
+    return request.param, kind, folder, damage(folder), total
+
+
+def _named(case: str, text: str) -> bool:
+    return (FATAL_WORDS.get(case) or SHARD) in text
+
+
+# --------------------------------------------------------------------------- the loader
+def _test_loader(folder, on_error):
+    dataset = folder.name
+    return make_loader(folder, "test", batch_size=4, modalities=MODALITIES[dataset], shuffle=False,
+                       drop_last=False, on_error=on_error, return_keys=True)
+
+
+def test_loader_counts_every_lost_sample_or_raises_one_line_naming_the_shard(damaged, caplog):
+    case, kind, folder, lost, total = damaged
+    if kind == "fatal":
+        for on_error in ("skip", "raise"):
+            with pytest.raises(ShardsError) as err:
+                _test_loader(folder, on_error)
+            assert _named(case, str(err.value)) and "\n" not in str(err.value)
+        assert not list(folder.parent.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
+        return
+    with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+        loader = _test_loader(folder, "skip")
+        keys = [k for batch in loader for k in batch["__key__"]]
+    assert len(keys) == len(set(keys)) == total - lost
+    assert loader.errors == lost
+    if lost:
+        assert SHARD in caplog.text
+    if kind == "sha256":  # the loader itself checks sizes only
+        return
+    with pytest.raises(ShardDataError) as err:
+        list(_test_loader(folder, "raise"))
+    assert SHARD in str(err.value) and "\n" not in str(err.value)
+
+
+def test_start_check_stops_on_bad_input_and_on_a_mismatch_under_raise(damaged, caplog):
+    case, kind, folder, lost, total = damaged
+    verify = "sha256" if kind == "sha256" else "size"
+    for on_error in ("skip", "raise"):
+        stops = kind == "fatal" or (on_error == "raise" and kind in ("size", "sha256"))
+        if stops:
+            with pytest.raises(ShardsError) as err:
+                check_shards(folder, ["train", "test"], verify=verify, on_error=on_error)
+            assert _named(case, str(err.value)) and "\n" not in str(err.value)
+        else:
+            with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+                report = check_shards(folder, ["train", "test"], verify=verify, on_error=on_error)
+            warned = kind in ("size", "sha256")
+            assert (SHARD in " ".join(report.warnings)) == warned
+            assert (SHARD in caplog.text) == warned
+
+
+# --------------------------------------------------------------------------- verify
+def test_verify_reports_each_problem_on_its_own_line(damaged, capsys):
+    case, kind, folder, lost, total = damaged
+    code = data_main(["verify", str(folder)])
+    err = capsys.readouterr().err
+    expected = {"fatal": 2, "sample": 0}.get(kind, 1)
+    if case == "missing shard":
+        expected = 1
+    assert code == expected, err
+    if expected:
+        assert _named(case, err) and all(line.startswith("error: ") for line in err.splitlines())
+    if kind == "sample":  # shard and manifest agree: only decoding every sample finds it
+        assert data_main(["verify", "--samples", str(folder)]) == 1
+        lines = capsys.readouterr().err.splitlines()
+        assert len(lines) == 1 and SHARD in lines[0] and "sample" in lines[0]
+    assert not list(folder.parent.rglob("PWNED"))
+
+
+def test_verify_lists_every_manifest_problem_and_opens_nothing(pristine, tmp_path, capsys):
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    manifest = _manifest(folder)
+    entries = manifest["splits"]["test"]["shards"]
+    entries[0]["file"], entries[1]["file"] = "pipe:touch PWNED", "/etc/passwd"
+    del manifest["splits"]["train"]["shards"][0]["sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert data_main(["verify", str(folder)]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 4  # three problems, one line each, and the summary
+    assert "pipe:touch PWNED" in lines[1] and "/etc/passwd" in lines[2] and "sha256" in lines[0]
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "splits": []}))
+    assert data_main(["verify", str(folder)]) == 2
+    assert "splits" in capsys.readouterr().err
+    (folder / "manifest.json").write_text("{not json")
+    assert data_main(["verify", str(folder)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- training
+def _entry_point(name: str):
+    """main() of launch/<name>.py, in this process (launch/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _train(folder: Path, run_dir: Path, on_error: str, capsys, *extra) -> tuple[int, str]:
+    train_main = _entry_point("train")
+    dataset = folder.name
+    config = {"digits": "demo.yaml", "shapes_ft": "cubISft.yaml"}[dataset]
+    code = train_main(["--config", str(ROOT / "configs" / config), f"data.shards={folder}",
+                       "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled",
+                       "logging.progress=false", "data.batch_size=16", "model.latent_dim=4",
+                       "objective.K=2", "train.epochs=1", "train.test_batches=0", "data.num_workers=0",
+                       f"data.on_error={on_error}", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_training_counts_lost_samples_or_stops_with_one_line(damaged, on_error, tmp_path, capsys, caplog):
+    case, kind, folder, lost, total = damaged
+    run_dir = tmp_path / "run"
+    extra = ["data.verify=sha256"] if kind == "sha256" else []
+    with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+        code, err = _train(folder, run_dir, on_error, capsys, *extra)
+    if kind == "fatal" or (on_error == "raise" and kind in ("size", "sha256")):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and _named(case, err), err
+        assert not run_dir.exists()  # checked before anything is written
+        return
+    if on_error == "raise" and lost:  # found while streaming: a failed run, one line at the end
+        last = err.strip().splitlines()[-1]
+        assert code == 1 and last.startswith("error: ") and SHARD in last and "Traceback" not in err, err
+        return
+    assert code == 0, err
+    events = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    test = [e for e in events if e["split"] == "test"]
+    assert test[-1]["data_errors"] == lost and test[-1]["datapoints"] == total - lost
+    assert json.loads((run_dir / "summary.json").read_text())["data_errors"] == lost
+    if lost or kind == "sha256":
+        assert SHARD in caplog.text
+
+
+# --------------------------------------------------------------------------- evaluate.py
+@pytest.fixture(scope="module")
+def trained(pristine, tmp_path_factory):
+    """One short run per dataset on the clean shards, to evaluate on damaged copies."""
+    from mmvae.config import load_config
+    from mmvae.train.loop import fit
+
+    runs = {}
+    for dataset, config in (("digits", "demo.yaml"), ("shapes_ft", "cubISft.yaml")):
+        run_dir = tmp_path_factory.mktemp("runs") / dataset
+        fit(load_config(ROOT / "configs" / config, [
+            f"data.shards={pristine / dataset}", "data.builtin=", f"run.dir={run_dir}",
+            "logging.wandb=disabled", "logging.progress=false", "data.batch_size=16",
+            "model.latent_dim=4", "objective.K=2", "train.epochs=1", "train.test_every=0",
+            "data.num_workers=0"]))
+        runs[dataset] = run_dir
+    return runs
+
+
+@pytest.mark.parametrize("on_error", ["skip", "raise"])
+def test_evaluate_counts_lost_samples_or_stops_with_one_line(damaged, on_error, trained, capsys):
+    evaluate_main = _entry_point("evaluate")
+    case, kind, folder, lost, total = damaged
+    run_dir = trained[folder.name]
+    (run_dir / "eval.json").unlink(missing_ok=True)
+    code = evaluate_main(["--run", str(run_dir), "--metrics", "likelihood", f"data.shards={folder}",
+                          f"data.on_error={on_error}", "eval.iwae_K=2", "eval.k_chunk=2",
+                          "eval.likelihood_batch=4", "logging.progress=false", "data.num_workers=0",
+                          *(["data.verify=sha256"] if kind == "sha256" else [])])
+    err = capsys.readouterr().err
+    if kind == "fatal" or (on_error == "raise" and kind in ("size", "sha256")):
+        assert code == 2 and len(err.strip().splitlines()) == 1 and _named(case, err), err
+        assert not (run_dir / "eval.json").exists()
+        return
+    if on_error == "raise" and lost:
+        assert code == 1 and len(err.strip().splitlines()) == 1 and SHARD in err, err
+        return
+    assert code == 0, err
+    likelihood = json.loads((run_dir / "eval.json").read_text())["metrics"]["likelihood"]
+    assert likelihood["num_datapoints"] == total - lost
