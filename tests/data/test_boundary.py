@@ -4,13 +4,21 @@ shards, through the loader, training (launch/train.py), launch/evaluate.py and
 with the right exit code, nothing opened outside the folder, no run folder on bad input."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import http.server
 import importlib.util
 import io
 import json
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -309,9 +317,9 @@ def _entry_point(name: str):
     return module.main
 
 
-def _train(folder: Path, run_dir: Path, on_error: str, capsys, *extra) -> tuple[int, str]:
+def _train(folder, run_dir: Path, on_error: str, capsys, *extra, dataset: str = "") -> tuple[int, str]:
     train_main = _entry_point("train")
-    dataset = folder.name
+    dataset = dataset or folder.name
     config = {"digits": "demo.yaml", "shapes_ft": "cubISft.yaml"}[dataset]
     code = train_main(["--config", str(ROOT / "configs" / config), f"data.shards={folder}",
                        "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled",
@@ -343,6 +351,8 @@ def test_training_counts_lost_samples_or_stops_with_one_line(damaged, on_error, 
     assert json.loads((run_dir / "summary.json").read_text())["data_errors"] == lost
     if lost or kind == "sha256":
         assert SHARD in caplog.text
+    if kind == "sha256":  # data.verify=sha256 says what it read and how long it took
+        assert re.search(r"sha256 of .*: \d+\.\d+ GB in \d+\.\d s", err), err
 
 
 # --------------------------------------------------------------------------- evaluate.py
@@ -385,3 +395,122 @@ def test_evaluate_counts_lost_samples_or_stops_with_one_line(damaged, on_error, 
     assert code == 0, err
     likelihood = json.loads((run_dir / "eval.json").read_text())["metrics"]["likelihood"]
     assert likelihood["num_datapoints"] == total - lost
+
+
+# --------------------------------------------------------------------------- remote shards
+@contextlib.contextmanager
+def _serve(directory: Path):
+    """``directory`` over HTTP on 127.0.0.1 (a free port) until the block ends: the server
+    thread is shut down then, and each request times out after 10 s."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        timeout = 10
+
+        def log_message(self, *args):  # no access log on stderr
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def http_shards(pristine):
+    with _serve(pristine / "digits") as prefix:
+        yield prefix
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_http_prefix_streams_the_same_samples_as_the_local_folder(http_shards, pristine, num_workers):
+    def batches(shards):
+        return list(make_loader(shards, "train", batch_size=4, modalities=["mnist", "svhn"], seed=3,
+                                num_workers=num_workers, return_keys=True))
+
+    local, remote = batches(pristine / "digits"), batches(http_shards)
+    assert len(local) == len(remote) > 0
+    for a, b in zip(local, remote):
+        assert a["__key__"] == b["__key__"]
+        for name in ("mnist", "svhn", "label"):
+            assert (a[name] == b[name]).all()
+    report = check_shards(http_shards, ["train", "test"], verify="sha256", on_error="raise")
+    assert report.hashed_bytes == sum(e["bytes"] for s in report.manifest["splits"].values()
+                                      for e in s["shards"])
+
+
+def test_training_from_an_http_prefix_matches_the_local_folder(http_shards, pristine, tmp_path, capsys):
+    events = {}
+    for name, shards in (("local", pristine / "digits"), ("remote", http_shards)):
+        code, err = _train(shards, tmp_path / name, "raise", capsys, "train.max_steps=2",
+                           dataset="digits")
+        assert code == 0, err
+        events[name] = [{k: v for k, v in json.loads(line).items() if k != "samples_per_s"}
+                        for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert events["local"] == events["remote"] and len(events["local"]) >= 2
+
+
+def test_a_remote_manifest_cannot_name_anything_but_shards_under_the_prefix(pristine, tmp_path):
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    _set_file(folder, "http://127.0.0.1:9/elsewhere.tar")
+    with _serve(folder) as prefix:
+        with pytest.raises(ShardsError, match="elsewhere.tar.*not a shard name"):
+            check_shards(prefix, ["test"])
+    (folder / "manifest.json").unlink()
+    with _serve(folder) as prefix:
+        with pytest.raises(ShardsError, match="no manifest.json"):
+            check_shards(prefix, ["test"])
+
+
+# --------------------------------------------------------------------------- the command line
+def _run(args, cwd, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_a_pipe_name_from_inside_the_folder_runs_nothing_and_writes_nothing(pristine, tmp_path):
+    """The issue's reproduction: data.shards=. from inside a folder whose manifest lists
+    'pipe:touch PWNED' (and holds a file of that name)."""
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    pipe_name(folder)
+    result = _run([str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                   "data.shards=.", "data.builtin=", "run.dir=run", "logging.wandb=disabled"], cwd=folder)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert "pipe:touch PWNED" in result.stderr and "not a shard name" in result.stderr
+    assert not (folder / "PWNED").exists() and not (folder / "run").exists()
+    result = _run(["-m", "mmvae.data", "verify", "."], cwd=folder)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and not (folder / "PWNED").exists()
+
+
+def test_lost_samples_are_reported_on_stderr_by_the_command_line(pristine, tmp_path):
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    lost = garbage_bytes(folder)
+    result = _run([str(ROOT / "launch" / "train.py"), "--config", str(ROOT / "configs" / "demo.yaml"),
+                   f"data.shards={folder}", "data.builtin=", f"run.dir={tmp_path / 'run'}",
+                   "logging.wandb=disabled", "logging.progress=false", "data.batch_size=16",
+                   "model.latent_dim=4", "objective.K=2", "train.epochs=1", "train.test_batches=0"],
+                  cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{SHARD}: {lost} of its 5 samples could not be read" in result.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["data_errors"] == lost
+
+
+def test_a_worker_s_data_error_arrives_as_one_line(pristine, tmp_path):
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    lost = garbage_bytes(folder)
+    loader = make_loader(folder, "test", batch_size=2, modalities=["mnist"], shuffle=False,
+                         drop_last=False, num_workers=2)
+    assert sum(len(b["mnist"]) for b in loader) == 10 - lost and loader.errors == lost
+    with pytest.raises(ShardDataError) as err:
+        list(make_loader(folder, "test", batch_size=2, modalities=["mnist"], shuffle=False,
+                         drop_last=False, num_workers=2, on_error="raise"))
+    assert str(err.value).startswith(f"shard {folder / SHARD}: {lost} of its 5") and "\n" not in str(err.value)
