@@ -39,9 +39,9 @@ class ShardCheck:
     seconds: float = 0.0
 
     def timing(self) -> str:
-        gb = self.hashed_bytes / 1e9
-        rate = f", {self.seconds / gb:.1f} s/GB" if gb > 0.01 else ""
-        return f"sha256 of {self.location}: {gb:.3f} GB in {self.seconds:.1f} s{rate}"
+        mb = self.hashed_bytes / 1e6
+        rate = f" ({self.seconds / mb * 1e3:.1f} s/GB)" if mb >= 10 else ""
+        return f"sha256 of {self.location}: {mb:.1f} MB checked in {self.seconds:.2f} s{rate}"
 
 
 def hash_stream(stream, chunk: int = 1 << 20) -> tuple[str, int]:

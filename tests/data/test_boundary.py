@@ -352,7 +352,7 @@ def test_training_counts_lost_samples_or_stops_with_one_line(damaged, on_error, 
     if lost or kind == "sha256":
         assert SHARD in caplog.text
     if kind == "sha256":  # data.verify=sha256 says what it read and how long it took
-        assert re.search(r"sha256 of .*: \d+\.\d+ GB in \d+\.\d s", err), err
+        assert re.search(r"sha256 of .*: \d+\.\d MB checked in \d+\.\d\d s", " ".join(err.split())), err
 
 
 # --------------------------------------------------------------------------- evaluate.py
