@@ -5,7 +5,8 @@ checked to be a plain file name (no scheme, no ``/``, no ``..``) before it is jo
 folder or appended to the prefix, and shards are opened here, not by webdataset's opener
 (which would run a ``pipe:`` name as a shell command). Remote reads use the standard library
 (``urllib``): any static HTTPS server or object store that serves the folder's files under one
-prefix works (a public bucket URL, or a presigned prefix).
+prefix works (a public bucket URL; a prefix with a container-wide token in its query string,
+such as an Azure SAS; see docs/data.md, Remote shards).
 """
 from __future__ import annotations
 
@@ -80,19 +81,23 @@ class LocalStore:
 
 
 class HttpStore:
-    """Shards under an ``http(s)://`` prefix: ``prefix + name`` for each listed name."""
+    """Shards under an ``http(s)://`` prefix: ``prefix + name`` for each listed name. A query
+    string on the prefix (a container-wide access token such as an Azure SAS) is kept after
+    each name, and left out of every message and log line."""
 
     remote = True
 
     def __init__(self, prefix: str, timeout: float = TIMEOUT_S):
-        self.prefix = prefix if prefix.endswith("/") else prefix + "/"
-        self.location, self.timeout = prefix, timeout
+        base, _, query = prefix.partition("?")
+        self.base = base if base.endswith("/") else base + "/"
+        self.query = f"?{query}" if query else ""
+        self.location, self.timeout = base, timeout
 
     def url(self, name: str) -> str:
-        return self.prefix + urllib.parse.quote(_require_plain(name))
+        return self.base + urllib.parse.quote(_require_plain(name)) + self.query
 
     def describe(self, name: str) -> str:
-        return self.url(name)
+        return self.base + name
 
     def check(self) -> None:
         """Nothing to check before the manifest is fetched."""
@@ -104,9 +109,9 @@ class HttpStore:
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 return None
-            raise OSError(f"{self.url(name)}: HTTP {err.code} {err.reason}") from None
+            raise OSError(f"{self.describe(name)}: HTTP {err.code} {err.reason}") from None
         except (urllib.error.URLError, TimeoutError) as err:
-            raise OSError(f"{self.url(name)}: {one_line(getattr(err, 'reason', err))}") from None
+            raise OSError(f"{self.describe(name)}: {one_line(getattr(err, 'reason', err))}") from None
 
     def read_bytes(self, name: str) -> bytes | None:
         response = self._request(name)
@@ -125,7 +130,7 @@ class HttpStore:
     def open(self, name: str):
         response = self._request(name)
         if response is None:
-            raise FileNotFoundError(f"{self.url(name)}: HTTP 404 Not Found")
+            raise FileNotFoundError(f"{self.describe(name)}: HTTP 404 Not Found")
         return response
 
     @staticmethod

@@ -399,14 +399,21 @@ def test_evaluate_counts_lost_samples_or_stops_with_one_line(damaged, on_error, 
 
 # --------------------------------------------------------------------------- remote shards
 @contextlib.contextmanager
-def _serve(directory: Path):
+def _serve(directory: Path, token: str = ""):
     """``directory`` over HTTP on 127.0.0.1 (a free port) until the block ends: the server
-    thread is shut down then, and each request times out after 10 s."""
+    thread is shut down then, and each request times out after 10 s. With ``token``, a request
+    without ``?token=<token>`` gets 403 (like an object store's access token)."""
     class Quiet(http.server.SimpleHTTPRequestHandler):
         timeout = 10
 
         def log_message(self, *args):  # no access log on stderr
             pass
+
+        def send_head(self):
+            if token and not self.path.endswith(f"?token={token}"):
+                self.send_error(403)
+                return None
+            return super().send_head()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
@@ -464,6 +471,22 @@ def test_a_remote_manifest_cannot_name_anything_but_shards_under_the_prefix(pris
     with _serve(folder) as prefix:
         with pytest.raises(ShardsError, match="no manifest.json"):
             check_shards(prefix, ["test"])
+
+
+def test_a_token_in_the_prefix_query_goes_with_every_request_and_into_no_message(pristine, tmp_path, caplog):
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    lost = truncated_at_block(folder)
+    with _serve(folder, token="s3cret") as prefix:
+        with pytest.raises(ShardsError, match="HTTP 403"):
+            check_shards(prefix, ["test"])
+        with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+            report = check_shards(prefix + "?token=s3cret", ["train", "test"])
+            loader = make_loader(prefix + "?token=s3cret", "test", batch_size=4, modalities=["mnist"],
+                                 drop_last=False)
+            assert sum(len(b["mnist"]) for b in loader) == 10 - lost and loader.errors == lost
+    assert SHARD in report.warnings[0] and SHARD in caplog.text
+    assert "s3cret" not in caplog.text + " ".join(report.warnings)
 
 
 # --------------------------------------------------------------------------- the command line
