@@ -59,7 +59,8 @@ import webdataset as wds
 
 from mmvae.data.errors import ShardDataError, ShardsError, ShardsNotFound, one_line  # noqa: F401
 from mmvae.data.manifest import MANIFEST, read_manifest
-from mmvae.data.samples import IMAGE_EXTS, check_value, decode_image, decode_value, spec_of  # noqa: F401
+from mmvae.data.samples import (IMAGE_EXTS, check_value, compile_spec, decode_image,  # noqa: F401
+                                decode_value, fits, spec_of)
 from mmvae.data.store import open_store
 
 log = logging.getLogger(__name__)
@@ -361,6 +362,7 @@ class Decode:
 
     def __init__(self, errors: ErrorCounter, spec: dict | None):
         self.errors, self.spec, self.learn = errors, dict(spec or {}), spec is None
+        self._compiled = {key: compile_spec(value) for key, value in self.spec.items()}
 
     def _decode(self, stem: str, ext: str, data: bytes):
         key = stem if "." in stem else f"{stem}.{ext}"
@@ -368,10 +370,13 @@ class Decode:
             kind, value = decode_value(ext, data)
         except Exception as exn:  # noqa: BLE001 - corrupt image, bad int, bad json, not UTF-8
             return None, f"cannot decode {key} ({_describe(exn)})", exn
-        spec = self.spec.get(key)
-        why = check_value(key, kind, value, spec)
-        if why is None and spec is None and self.learn:
+        compiled = self._compiled.get(key)
+        if compiled is not None and fits(kind, value, compiled):
+            return (kind, value), None, None
+        why = check_value(key, kind, value, self.spec.get(key))  # the reason, or a spec to learn
+        if why is None and compiled is None and self.learn:
             self.spec[key] = spec_of(kind, value)
+            self._compiled[key] = compile_spec(self.spec[key])
         return (kind, value), why, None
 
     def __call__(self, src):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import json
+import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,9 @@ IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "ppm", "pgm", "pbm", "bmp", "webp"
 _GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
 _PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
 _KIND_DTYPE = {"image": "uint8", "ints": "int64"}
+_ZEROS: dict = {}  # (size, dtype) -> zeros, for the finite test in `fits`
+# `fits` multiplies NaN/inf by zero on purpose (the slow path then names the problem)
+warnings.filterwarnings("ignore", "invalid value encountered in dot", RuntimeWarning, __name__)
 
 
 def decode_image(data: bytes, ext: str = "") -> np.ndarray:
@@ -80,11 +85,40 @@ def check_value(key: str, kind: str, value, spec: dict | None) -> str | None:
             got = value.shape[0] if kind == "ids" else tuple(value.shape)
             return f"{key} has {noun} {got}, the spec says {shape[0] if kind == 'ids' else tuple(shape)}"
         dtype = spec.get("dtype", _KIND_DTYPE.get(kind))
-        if dtype is not None and hasattr(value, "dtype") and str(value.dtype) != dtype:
+        if dtype is not None and hasattr(value, "dtype") and value.dtype != np.dtype(dtype):
             return f"{key} has dtype {value.dtype}, the spec says {dtype}"
     if kind == "array" and value.dtype.kind in "fc" and not np.isfinite(value).all():
         return f"{key} holds non-finite values (NaN or inf)"
     return None
+
+
+def compile_spec(spec: dict) -> tuple:
+    """(kind, shape tuple or None, numpy dtype or None) for :func:`fits`."""
+    kind = spec.get("kind")
+    shape = tuple(spec["shape"]) if spec.get("shape") is not None else None
+    dtype = spec.get("dtype", _KIND_DTYPE.get(kind))
+    return kind, shape, np.dtype(dtype) if dtype is not None else None
+
+
+def fits(kind: str, value, compiled: tuple) -> bool:
+    """Fast path of :func:`check_value` (a few comparisons per value: the loader calls it for
+    every value). False means "ask check_value why". Finite test of float arrays: a dot
+    product with zeros is NaN if and only if a value is NaN or inf (IEEE), ~3x faster than
+    ``np.isfinite(x).all()``."""
+    want_kind, shape, dtype = compiled
+    if kind != want_kind:
+        return False
+    if shape is not None and value.shape != shape:
+        return False
+    if dtype is not None and value.dtype != dtype:
+        return False
+    if kind == "array" and value.dtype.kind in "fc":
+        flat = value.reshape(-1)
+        zeros = _ZEROS.get((flat.size, flat.dtype))
+        if zeros is None:
+            zeros = _ZEROS[(flat.size, flat.dtype)] = np.zeros(flat.size, flat.dtype)
+        return math.isfinite(abs(np.dot(flat, zeros)))
+    return True
 
 
 def sample_spec(sample: dict) -> dict:
