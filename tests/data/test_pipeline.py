@@ -263,3 +263,32 @@ def test_shards_are_closed_after_reading_not_left_to_the_gc(tiny_dir):
         keys_of(_eval_loader(tiny_dir))
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_shard_of_bad_samples_counts_each_and_warns_a_few_times(tiny_dir, caplog):
+    rewrite_member(tiny_dir / "test-000000.tar",
+                   lambda n, d: _small_png() if n.endswith("mnist.png") else d)
+    with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+        loader = _eval_loader(tiny_dir)
+        keys = keys_of(loader)
+    assert len(keys) == 13 and loader.errors == 5  # every sample of the 5-sample shard
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and "has shape (1, 10, 10), the spec says (1, 28, 28)" in lines[0]
+    assert "more bad samples in shard" in lines[3] and "test-000000.tar" in lines[3]
+
+
+def test_without_a_spec_in_the_manifest_the_first_good_sample_sets_it(tiny_dir):
+    rewrite_member(tiny_dir / "test-000001.tar", lambda n, d: _small_png() if n == "00000038.mnist.png" else d)
+    manifest = json.loads((tiny_dir / "manifest.json").read_text())
+    del manifest["spec"]  # shards built before the spec existed
+    (tiny_dir / "manifest.json").write_text(json.dumps(manifest))
+    loader = _eval_loader(tiny_dir)
+    keys = keys_of(loader)
+    assert "00000038" not in keys and len(keys) == 17 and loader.errors == 1
+
+
+def _small_png():
+    buf = io.BytesIO()
+    from PIL import Image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
