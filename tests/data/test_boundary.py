@@ -537,3 +537,26 @@ def test_a_worker_s_data_error_arrives_as_one_line(pristine, tmp_path):
         list(make_loader(folder, "test", batch_size=2, modalities=["mnist"], shuffle=False,
                          drop_last=False, num_workers=2, on_error="raise"))
     assert str(err.value).startswith(f"shard {folder / SHARD}: {lost} of its 5") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("particle_shards", [1, 2])
+def test_two_processes_count_each_lost_sample_once(pristine, tmp_path, particle_shards):
+    """data_errors sums over data-parallel groups: two groups split the damaged test split
+    (P=1), or the two ranks of one group both read it (P=2) and it counts once."""
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    lost = garbage_bytes(folder)
+    run_dir = tmp_path / "run"
+    result = _run(["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "0", str(ROOT / "launch" / "train.py"),
+                   "--config", str(ROOT / "configs" / "demo.yaml"), f"data.shards={folder}",
+                   "data.builtin=", f"run.dir={run_dir}", "logging.wandb=disabled",
+                   "logging.progress=false", "data.batch_size=4", "model.latent_dim=4",
+                   "objective.K=2", "train.epochs=1", "train.test_batches=0",
+                   f"parallel.particle_shards={particle_shards}"], cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    test = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if json.loads(x)["split"] == "test"]
+    assert test[-1]["data_errors"] == lost
+    assert json.loads((run_dir / "summary.json").read_text())["data_errors"] == lost
