@@ -467,6 +467,11 @@ def test_a_remote_manifest_cannot_name_anything_but_shards_under_the_prefix(pris
     with _serve(folder) as prefix:
         with pytest.raises(ShardsError, match="elsewhere.tar.*not a shard name"):
             check_shards(prefix, ["test"])
+    shutil.copy(pristine / "digits" / "manifest.json", folder / "manifest.json")
+    (folder / SHARD).unlink()
+    with _serve(folder) as prefix:
+        with pytest.raises(ShardsError, match=f"shard {prefix}{SHARD} listed in manifest.json is missing"):
+            check_shards(prefix, ["test"])
     (folder / "manifest.json").unlink()
     with _serve(folder) as prefix:
         with pytest.raises(ShardsError, match="no manifest.json"):
