@@ -2,6 +2,7 @@
 
     python launch/bench_data.py                       # 20k samples per format, workers 0 and 2
     python launch/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
+    python launch/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
 
 Builds, in a temporary folder, MNIST-SVHN shards with the real recipe from fake idx/.mat files
 (handwritten 8×8 digits upsampled to 28×28, rendered SVHN-like crops: PNG sizes like the real
@@ -11,12 +12,22 @@ mnist_svhn (mnist+svhn, B=128), cubIS (image+caption, B=64), cubISft (feature+ca
 Rates exclude the first batch (worker start-up, shown separately); each cell is the best of
 --repeats runs. With 0 workers the CPU time of this process is also shown (robust to load
 from other processes); with workers only wall time is meaningful, so check `uptime`.
+
+``--baseline CHECKOUT`` compares this checkout's loader with another's (e.g. the main branch
+before a change) on the same shards: each timing runs in a fresh process with 0 workers,
+alternating the two checkouts --repeats times, and the ratio of their median CPU-time rates
+is printed (CPU time: robust to other load on the machine, not to cache effects). It also
+times ``data.verify=sha256`` on the shards (just written, so from the page cache: the hashing
+cost, not the disk's).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,6 +116,52 @@ def time_epoch(shards: Path, modalities, batch_size: int, workers: int) -> dict:
     return {"wall": n / wall, "cpu": n / cpu if workers == 0 else None, "first": first, "errors": loader.errors}
 
 
+# One epoch timed in a fresh process that imports mmvae from the checkout on PYTHONPATH.
+_CHILD = """
+import json, sys, time
+from mmvae.data.pipeline import make_loader
+shards, modalities, batch_size = json.loads(sys.argv[1])
+loader = make_loader(shards, "train", batch_size=batch_size, modalities=modalities, num_workers=0)
+n, batches = 0, iter(loader)
+next(batches)
+cpu = time.process_time()
+for batch in batches:
+    n += len(batch[modalities[0]])
+print(json.dumps({"cpu": n / (time.process_time() - cpu), "errors": loader.errors}))
+"""
+
+
+def child_rate(checkout: Path, shards: Path, modalities, batch_size: int) -> float:
+    env = {**os.environ, "PYTHONPATH": str(checkout)}
+    out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(shards), modalities, batch_size])],
+                         env=env, capture_output=True, text=True, check=True, timeout=1800)
+    return json.loads(out.stdout.strip().splitlines()[-1])["cpu"]
+
+
+def compare(built: dict, sets, baseline: Path, repeats: int) -> None:
+    """Interleaved before/after: baseline, this, baseline, this, ... per pipeline."""
+    here = Path(__file__).resolve().parent.parent
+    print(f"{'pipeline':<11} {'baseline (cpu samples/s)':>25} {'this (cpu samples/s)':>21} {'this/baseline':>14}")
+    for name in sets:
+        kind, modalities, batch_size = SETS[name]
+        rates = {"baseline": [], "this": []}
+        for _ in range(repeats):
+            for which, checkout in (("baseline", baseline), ("this", here)):
+                rates[which].append(child_rate(checkout, built[kind], modalities, batch_size))
+        before, after = statistics.median(rates["baseline"]), statistics.median(rates["this"])
+        print(f"{name:<11} {before:>25.0f} {after:>21.0f} {after / before:>14.3f}   "
+              f"(runs: {', '.join(f'{r:.0f}' for r in rates['baseline'])} | "
+              f"{', '.join(f'{r:.0f}' for r in rates['this'])})", flush=True)
+
+
+def time_sha256(built: dict) -> None:
+    from mmvae.data.checks import check_shards
+
+    for kind, shards in built.items():
+        report = check_shards(shards, ["train", "test"], verify="sha256")
+        print(report.timing())
+
+
 def parse_args(argv):
     """The options, checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,6 +170,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--dir", help="keep the shards here (default: a temporary folder)")
+    parser.add_argument("--baseline", type=Path,
+                        help="another checkout: compare its loader with this one's (see above)")
     return parser.parse_args(argv)
 
 
@@ -129,6 +188,11 @@ def main(argv=None) -> int:
         if {"cubIS", "cubISft"} & set(args.sets):
             built["cub"] = fake_cub(root, args.samples)
         print(f"load average before timing: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        if args.baseline:
+            compare(built, args.sets, args.baseline.resolve(), args.repeats)
+            time_sha256(built)
+            print(f"load average after: {os.getloadavg()[0]:.1f}")
+            return 0
         print(f"{'pipeline':<11} {'B':>4} {'workers':>7} {'samples/s (wall)':>17} {'samples/s (cpu)':>16} "
               f"{'first batch s':>13}")
         for name in args.sets:

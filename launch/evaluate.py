@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     import torch
     from accelerate import Accelerator
 
+    from mmvae.data.checks import check_shards
+    from mmvae.data.errors import ShardDataError
     from mmvae.eval.distributed import Ranks
     from mmvae.eval.report import metrics_table
     from mmvae.eval.run import execute, prepare
@@ -45,11 +47,18 @@ def main(argv=None) -> int:
         try:  # every check happens here, before anything is computed or written
             ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,
                                  device=str(accelerator.device))
+            if not ctx.is_toy:  # bad manifest, missing shard, empty split: before any work
+                check_shards(ctx.cfg.data.shards, ["test"], verify=ctx.cfg.data.verify,
+                             on_error=ctx.cfg.data.on_error)
         except (ValueError, FileNotFoundError) as err:  # ConfigError is a ValueError
             if ranks.is_main:
                 print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
             return 2
         payload = execute(ctx, names)
+    except ShardDataError as err:  # bad data under data.on_error=raise: one line
+        if ranks.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # eval.json and report.md are written at the end: none is half done
         if ranks.is_main:
             print("interrupted: eval.json and report.md were not written", file=sys.stderr)

@@ -17,6 +17,7 @@ if __name__ == "__main__":
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
 from mmvae.config import ConfigError, describe, load_config  # noqa: E402
+from mmvae.data.errors import ShardDataError  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +59,9 @@ def main(argv=None) -> int:
         return 2
     except TrainingStopped as err:
         print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    except ShardDataError as err:  # bad data under data.on_error=raise: one line, a failed run
+        print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: the checkpoints written so far are complete (atomic)
         print("interrupted: the last checkpoint is kept; continue with the same command and "

@@ -90,7 +90,8 @@ class ObjectiveConfig:
 @dataclass
 class DataConfig:
     shards: str = "shards/demo-digits"
-    """Folder with manifest.json and {train,test}-NNNNNN.tar shards."""
+    """Folder with manifest.json and {train,test}-NNNNNN.tar shards, or an http(s):// prefix
+    serving such a folder (docs/data.md, Remote shards)."""
     builtin: str = ""
     """Name of a built-in dataset (digits, shapes, shapes_ft) to build into `shards` when it is
     missing; empty means the shards must already exist."""
@@ -101,7 +102,12 @@ class DataConfig:
     shuffle_buffer: int = 1000
     """Samples held in the shuffle buffer."""
     on_error: str = "skip"
-    """Corrupt sample or shard: skip (log and count) | raise."""
+    """Bad data (a corrupt, truncated or wrong-sized shard, a sample that does not decode or
+    breaks the modality spec): skip (log, count every lost sample in data_errors) | raise
+    (one-line error naming the shard)."""
+    verify: str = "size"
+    """Check at start: size (each shard's size against the manifest, cheap) | sha256 (hash
+    every shard; reads all the data once)."""
     resampled: bool = False
     """Sample shards with replacement (large multi-node jobs)."""
 
@@ -241,6 +247,7 @@ CHOICES = {
     "objective.name": ("elbo", "iwae", "dreg"),
     "objective.dreg_variant": ("unbiased", "paper", "stl"),
     "data.on_error": ("skip", "raise"),
+    "data.verify": ("size", "sha256"),
     "train.mixed_precision": ("no", "bf16", "fp16", "auto"),
     "logging.wandb": ("offline", "online", "disabled"),
     "eval.coherence_pairs": ("auto", "unique", "shards"),

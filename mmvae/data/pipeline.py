@@ -7,12 +7,16 @@ open_clip's ``get_wds_dataset``::
     split_by_dp_group  every dp_size-th shard, from dp_rank (NOT the global rank: the ranks of
                        one particle group share dp_rank and must see the same batches)
     split_by_worker    every num_workers-th of those, per DataLoader worker
-    open               open each shard (closed as soon as it has been read)
-    tar                tar members -> samples (webdataset), errors -> handler
+    read               open each listed shard *name* through the store (local folder or
+                       http(s) prefix; never webdataset's opener, which runs ``pipe:``
+                       names), check its size, tar members -> samples; at the end of the
+                       shard, samples short of the manifest's count are counted as lost
     select_keys        keep the requested modalities (key stems, or full keys such as
                        caption.txt); a missing one is a bad sample
     shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
-    decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...
+    decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...;
+                       each value checked against the manifest's modality spec (shape,
+                       dtype, caption length) and float arrays for NaN/inf
     repeat_passes      the stages above form one pass over the rank's shards; training repeats
                        passes (reshuffled) until the quota below is met
     batch              collate: stack arrays, gather ints, list the rest
@@ -20,6 +24,7 @@ open_clip's ``get_wds_dataset``::
                        send from workers; ``images_to_float`` makes them float32 in [0, 1])
     take_quota         exactly this worker's share of len(loader) batches (training only)
     count_errors       attach this worker's skipped-sample count to the batch
+    report_fatal       a worker's ShardDataError travels to the main process as one line
 
 Equal batches on every rank (no DDP hang): with ``drop_last=True`` the shard stream repeats
 (reshuffled each pass) and ``take_quota`` stops every rank after exactly
@@ -28,43 +33,40 @@ With ``drop_last=False`` (evaluation) each rank reads its shards exactly once an
 with a partial batch; ranks can then differ by a few batches (``loader.batches_per_rank``),
 so multi-rank evaluation must either pad to ``max(batches_per_rank)`` or run on dp_size=1.
 
-Bad data (truncated tar, corrupt image, missing key) goes through one handler that logs a
-warning naming the shard and key and either skips and counts it (``on_error="skip"``) or
-raises :class:`ShardDataError` naming the shard (``on_error="raise"``). ``loader.errors`` is
-the number skipped so far: with workers, each worker counts its own and sends the count with
-each batch, so the total reaches the main process; errors a worker meets after its last
-batch (e.g. samples left in its shuffle buffer) are not reported.
+Nothing is lost without a count. Every sample the manifest lists that is not delivered is a
+data error: samples a truncated or corrupt tar never yields (the tar reader may stop quietly
+at a bad header: the per-shard count check catches it), a sample with a missing key, one that
+does not decode, and one that breaks the modality spec. One handler logs a warning naming the
+shard (and the sample and reason, or how many samples the shard lost) and either skips and
+counts (``on_error="skip"``) or raises a one-line :class:`ShardDataError` (``"raise"``).
+``loader.errors`` is the number of samples lost so far: with workers, each worker counts its
+own and sends the count with each batch (and once more after its last), so the total reaches
+the main process; samples left unread when a training quota stops a pass are not errors.
 """
 from __future__ import annotations
 
-import io
-import json
+import contextlib
 import logging
 import random
-import re
+from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
-from mmvae.data.writer import read_manifest
+from mmvae.data.errors import ShardDataError, ShardsError, ShardsNotFound, one_line  # noqa: F401
+from mmvae.data.manifest import MANIFEST, read_manifest
+from mmvae.data.samples import (IMAGE_EXTS, check_value, compile_spec, decode_image,  # noqa: F401
+                                decode_value, fits, spec_of)
+from mmvae.data.store import open_store
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("skip", "raise")
-IMAGE_EXTS = frozenset({"png", "jpg", "jpeg", "ppm", "pgm", "pbm", "bmp", "webp", "tif", "tiff"})
 _TAG_SHARDS, _TAG_BUFFER = 11, 12
-_GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
-_PIL_FORMATS = {"png": ("PNG",), "jpg": ("JPEG",), "jpeg": ("JPEG",), "webp": ("WEBP",)}
-
-
-class ShardDataError(RuntimeError):
-    """Bad data in a shard (the message names the shard), or too little good data left."""
 
 
 def mix_seed(*parts: int) -> int:
@@ -88,57 +90,69 @@ class EpochState:
 
 
 # ----------------------------------------------------------------------------- error handling
-_OPENED_FILE = re.compile(r" @ <[^>]*name='([^']+)'>")
-
-
-def _describe(exn: BaseException) -> tuple[str, str]:
-    """(shard, message) of an exception from webdataset's tar stages: it appends the shard
-    path to ``args`` or ' @ <file name=...>' to the message."""
-    args = getattr(exn, "args", ()) or ("",)
-    message = str(args[0])
-    shard = next((a for a in reversed(args[1:]) if isinstance(a, str) and a.endswith(".tar")), None)
-    opened = _OPENED_FILE.search(message)
-    if opened:
-        shard = shard or opened.group(1)
-        message = _OPENED_FILE.sub("", message)
-    return shard or "unknown shard", f"{type(exn).__name__}: {message}"
+def _describe(exn: BaseException) -> str:
+    """'Type: message' of an exception, without the ' @ <stream ...>' webdataset appends."""
+    message = str(exn.args[0]) if getattr(exn, "args", None) else str(exn)
+    return one_line(f"{type(exn).__name__}: {message.split(' @ <')[0]}")
 
 
 class ErrorCounter:
-    """The one error handler of the pipeline (also a webdataset ``handler=``).
+    """The one error handler of the pipeline. Under ``"skip"`` it counts every sample not
+    delivered and logs a warning naming the shard (per sample: the first few of each shard,
+    with key and reason; per shard: how many samples it lost); under ``"raise"`` the first
+    problem raises a one-line :class:`ShardDataError`."""
 
-    Logs a warning naming the shard and sample key, then skips and counts (``"skip"``) or
-    raises :class:`ShardDataError` (``"raise"``)."""
+    SHOWN_PER_SHARD = 3
 
     def __init__(self, on_error: str):
         self.on_error = on_error
         self.count = 0
         self._taken = 0
-        self._last_tar_error = None
+        self._shown: Counter = Counter()
+        self._noted: set = set()
 
-    def good_sample(self) -> None:
-        """A sample got through: a later repeat of the last tar error is a new event."""
-        self._last_tar_error = None
+    def _fail(self, message: str, exn: BaseException | None = None):
+        raise ShardDataError(one_line(message)) from exn
 
-    def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, ShardDataError):  # already reported by an inner stage: re-raise it
-            exn.args = exn.args[:1]          # as it was (webdataset appended stream and url)
-            raise exn
-        shard, message = _describe(exn)
-        # A truncated tar fails in webdataset's member loop and again right after in its shard
-        # loop: one event, reported once.
-        if (shard, message) == self._last_tar_error:
-            return True
-        self._last_tar_error = (shard, message)
-        return self.report(shard, None, message, exn)
-
-    def report(self, shard: str, key: str | None, what: str, exn: BaseException | None = None) -> bool:
-        where = f"shard {shard}" + (f", sample {key}" if key else "")
+    def sample(self, shard: str, key: str | None, what: str, exn: BaseException | None = None) -> None:
+        """One sample dropped (missing key, undecodable, breaks the spec)."""
+        where = f"shard {shard}, sample {key}"
         if self.on_error == "raise":
-            raise ShardDataError(f"bad data in {where}: {what}") from exn
+            self._fail(f"bad data in {where}: {what} (data.on_error=raise)", exn)
         self.count += 1
-        log.warning("skipping bad data in %s: %s", where, what)
-        return True
+        self._shown[shard] += 1
+        if self._shown[shard] <= self.SHOWN_PER_SHARD:
+            log.warning("skipping bad data in %s: %s", where, one_line(what))
+        elif self._shown[shard] == self.SHOWN_PER_SHARD + 1:
+            log.warning("more bad samples in shard %s: not shown, each is counted", shard)
+
+    def lost(self, shard: str, lost: int, expected: int, why: str) -> None:
+        """``lost`` samples of a shard never came out of its tar."""
+        message = f"shard {shard}: {lost} of its {expected} samples could not be read ({why})"
+        if self.on_error == "raise":
+            self._fail(f"{message} (data.on_error=raise)")
+        self.count += lost
+        self.note(shard, f"{message}; counted as data errors")
+
+    def tar_error(self, shard: str, exn: BaseException) -> str:
+        """An error reading the tar: raises under ``"raise"``; otherwise its description
+        (what it costs is counted by :meth:`lost` at the end of the shard)."""
+        what = _describe(exn)
+        if self.on_error == "raise":
+            self._fail(f"bad data in shard {shard}: {what} (data.on_error=raise)", exn)
+        return what
+
+    def note(self, shard: str, message: str) -> None:
+        """A problem worth one warning per shard (and per loader and worker)."""
+        if (shard, message) not in self._noted:
+            self._noted.add((shard, message))
+            log.warning("%s", one_line(message))
+
+    def problem(self, shard: str, what: str) -> None:
+        """A shard that is not what the manifest says, though nothing is lost (yet)."""
+        if self.on_error == "raise":
+            self._fail(f"shard {shard} {what} (data.on_error=raise)")
+        self.note(shard, f"shard {shard} {what}")
 
     def take(self) -> int:
         """Errors counted since the last call."""
@@ -148,8 +162,8 @@ class ErrorCounter:
 
 # ----------------------------------------------------------------------------- shard stages
 class ShardSource:
-    """Stage ``shards``: yields ``{"url": path}`` for every shard, shuffled with (seed, epoch,
-    pass) — the same on every rank, so the dp split below is a partition of the split."""
+    """Stage ``shards``: yields ``{"url": name}`` for every shard name of the split, shuffled
+    with (seed, epoch, pass) — the same on every rank, so the dp split below is a partition."""
 
     def __init__(self, files: Sequence[str], state: EpochState, *, shuffle: bool):
         self.files, self.state, self.shuffle = list(files), state, shuffle
@@ -205,38 +219,78 @@ class ResampleSeed:
         return mix_seed(self.state.seed, self.state.epoch, self.dp_rank, _worker_info()[0], _TAG_SHARDS)
 
 
-class OpenShards:
-    """Stage ``open``: open each shard with ``wds.gopen`` (local paths, ``pipe:``, URLs) and
-    close it as soon as the tar stage has read it; webdataset's own opener leaves closing to
-    the garbage collector (a ResourceWarning per shard, open descriptors meanwhile)."""
+class ReadShards:
+    """Stage ``read``: for each shard name, open it through the store (closed as soon as it
+    has been read, not left to the garbage collector), compare its size with the manifest,
+    turn its tar members into samples (webdataset's member iterator, grouped by key here), and
+    at the end of the shard check how many samples came out against the manifest's count.
 
-    def __init__(self, errors: ErrorCounter):
-        self.errors = errors
+    A tar that ends early (truncated, garbage, a bad header: Python's tarfile then stops
+    without an error) loses the samples it does not yield; they are counted at the end of the
+    shard. A shard closed early (a training quota met) is not checked."""
+
+    def __init__(self, store, expected: dict[str, tuple[int, int]], errors: ErrorCounter):
+        self.store, self.expected, self.errors = store, expected, errors
 
     def __call__(self, src):
         for source in src:
-            try:
-                stream = wds.gopen(source["url"])
-            except Exception as exn:  # noqa: BLE001 - unreadable shard: skip or raise
-                exn.args = exn.args + (source["url"],)
-                self.errors(exn)
-                continue
-            try:
-                yield {**source, "stream": stream}
-            finally:
-                stream.close()
+            yield from self._read(source["url"])
+
+    def _read(self, name: str):
+        shard = self.store.describe(name)
+        expected, nbytes = self.expected[name]
+        arrived, why = 0, None
+        try:
+            stream = self.store.open(name)
+        except OSError as exn:
+            why = self.errors.tar_error(shard, exn)
+        else:
+            with contextlib.closing(stream):
+                size = self.store.stream_size(stream)
+                if size is not None and size != nbytes:
+                    self.errors.problem(shard, f"is {size} bytes, the manifest says {nbytes}")
+                member_errors: list[str] = []
+
+                def on_member_error(exn):
+                    member_errors.append(self.errors.tar_error(shard, exn))
+                    return True
+
+                try:
+                    members = wds.tariterators.tar_file_iterator(stream, handler=on_member_error)
+                    for sample in _group_by_key(members, shard):
+                        arrived += 1
+                        yield sample
+                except ShardDataError:
+                    raise
+                except Exception as exn:  # noqa: BLE001 - a broken tar: count what it lost
+                    why = self.errors.tar_error(shard, exn)
+                why = why or (member_errors[-1] if member_errors else None)
+        if arrived < expected:
+            self.errors.lost(shard, expected - arrived, expected,
+                             why or "the tar ends early: truncated or corrupt")
+        elif arrived > expected:
+            self.errors.problem(shard, f"holds {arrived} samples, the manifest says {expected}")
 
 
-class TarSamples:
-    """Stage ``tar``: tar members -> samples grouped by key (webdataset's expander and
-    grouper, with our error handler)."""
-
-    def __init__(self, errors: ErrorCounter):
-        self.errors = errors
-
-    def __call__(self, src):
-        files = wds.tariterators.tar_file_expander(src, handler=self.errors)
-        return wds.tariterators.group_by_keys(files, handler=self.errors)
+def _group_by_key(members, shard: str):
+    """Consecutive tar members sharing a key -> one sample ``{"__key__", "__url__", ext:
+    bytes}`` (webdataset's key rule); a repeated file marks the sample bad."""
+    current = None
+    for member in members:
+        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": shard}
+        if suffix in current:
+            current["__bad__"] = f"file {member['fname']} appears twice"
+        else:
+            current[suffix] = member["data"]
+    if current is not None:
+        yield current
 
 
 # ----------------------------------------------------------------------------- sample stages
@@ -273,14 +327,16 @@ class SelectKeys:
 
     def __call__(self, src):
         for sample in src:
+            if "__bad__" in sample:
+                self.errors.sample(sample["__url__"], sample["__key__"], sample["__bad__"])
+                continue
             found = self._pick(sample)
             missing = [s for s in self.stems if s not in found]
             if missing:
-                self.errors.report(sample.get("__url__", "?"), sample.get("__key__"),
+                self.errors.sample(sample.get("__url__", "?"), sample.get("__key__"),
                                    f"missing key(s) {', '.join(missing)}")
                 continue
             found["__key__"], found["__url__"] = sample.get("__key__"), sample.get("__url__")
-            self.errors.good_sample()
             yield found
 
 
@@ -297,63 +353,42 @@ class ShuffleBuffer:
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
-def decode_image(data: bytes, ext: str = "") -> np.ndarray:
-    """PNG/JPEG/... bytes -> uint8 (C, H, W); grayscale stays 1 channel, all else RGB.
-
-    Pillow only (torchvision's decoders are deprecated since 0.29). The format hint skips
-    Pillow's format probing and ``tobytes`` beats ``np.asarray``: together ~30% faster on
-    small images."""
-    stream = io.BytesIO(data)
-    try:
-        image = Image.open(stream, formats=_PIL_FORMATS.get(ext))
-    except Image.UnidentifiedImageError:  # wrong extension: let Pillow probe every format
-        image = Image.open(io.BytesIO(data))
-    with image:
-        image.load()  # Pillow decodes lazily: force it here so corrupt data raises here
-        if image.mode not in ("L", "RGB"):
-            image = image.convert("L" if image.mode in _GRAY_MODES else "RGB")
-        array = np.frombuffer(image.tobytes(), np.uint8).reshape(image.height, image.width, -1)
-    return array.transpose(2, 0, 1)
-
-
-def decode_value(ext: str, data: bytes) -> tuple[str, Any]:
-    """Decode one payload by its (last) file extension into (kind, value)."""
-    last = ext.rsplit(".", 1)[-1].lower()
-    if last in IMAGE_EXTS:
-        return "image", decode_image(data, last)
-    if last == "cls":
-        return "int", int(data.decode("utf-8").strip())
-    if last == "npy":
-        return "array", np.load(io.BytesIO(data), allow_pickle=False)
-    if last == "json":
-        value = json.loads(data)
-        if isinstance(value, list) and value and all(type(v) is int for v in value):
-            return "ints", np.asarray(value, dtype=np.int64)  # token ids: batched to int64 (B, L)
-        return "json", value
-    if last == "txt":
-        return "text", data.decode("utf-8")
-    return "bytes", data
-
-
 class Decode:
-    """Stage ``decode``: every selected payload by extension; a failure is reported and the
-    sample dropped."""
+    """Stage ``decode``: every selected payload by extension, then checked against the
+    manifest's modality spec (shape, dtype, caption length; float arrays must be finite). A
+    failure is reported with shard, key and reason and the sample dropped, so a batch only
+    ever holds samples that fit together. Without a spec in the manifest (folders built before
+    it existed), the first good value of each key in this worker sets it."""
 
-    def __init__(self, errors: ErrorCounter):
-        self.errors = errors
+    def __init__(self, errors: ErrorCounter, spec: dict | None):
+        self.errors, self.spec, self.learn = errors, dict(spec or {}), spec is None
+        self._compiled = {key: compile_spec(value) for key, value in self.spec.items()}
+
+    def _decode(self, stem: str, ext: str, data: bytes):
+        key = stem if "." in stem else f"{stem}.{ext}"
+        try:
+            kind, value = decode_value(ext, data)
+        except Exception as exn:  # noqa: BLE001 - corrupt image, bad int, bad json, not UTF-8
+            return None, f"cannot decode {key} ({_describe(exn)})", exn
+        compiled = self._compiled.get(key)
+        if compiled is not None and fits(kind, value, compiled):
+            return (kind, value), None, None
+        why = check_value(key, kind, value, self.spec.get(key))  # the reason, or a spec to learn
+        if why is None and compiled is None and self.learn:
+            self.spec[key] = spec_of(kind, value)
+            self._compiled[key] = compile_spec(self.spec[key])
+        return (kind, value), why, None
 
     def __call__(self, src):
         for sample in src:
             out = {"__key__": sample["__key__"]}
-            try:
-                for stem, value in sample.items():
-                    if not stem.startswith("__"):
-                        out[stem] = decode_value(*value)
-            except Exception as exn:  # corrupt image, bad int, bad json: skip or raise
-                self.errors.report(sample["__url__"], sample["__key__"],
-                                   f"cannot decode {stem}.{value[0]} ({type(exn).__name__}: {exn})", exn)
-                continue
-            yield out
+            for stem, (ext, data) in ((k, v) for k, v in sample.items() if not k.startswith("__")):
+                out[stem], why, exn = self._decode(stem, ext, data)
+                if why is not None:
+                    self.errors.sample(sample["__url__"], sample["__key__"], why, exn)
+                    break
+            else:
+                yield out
 
 
 def collate(samples: list[dict]) -> dict:
@@ -444,38 +479,72 @@ class CountErrors:
         for batch in src:
             batch["__errors__"] = self.errors.take()
             yield batch
+        if torch.utils.data.get_worker_info() is not None:
+            # losses found after the last batch (the end of the last shard): an item with no
+            # data, which the loader counts and does not yield
+            late = self.errors.take()
+            if late:
+                yield {"__errors__": late, "__empty__": True}
+
+
+class ReportFatal:
+    """Stage ``report_fatal``: in a DataLoader worker, a ShardDataError becomes an item
+    ``{"__fatal__": message}`` that the main process raises again as it was. (torch would
+    re-raise it with the worker's traceback in the message: many lines, not one.)"""
+
+    def __call__(self, src):
+        if torch.utils.data.get_worker_info() is None:
+            yield from src
+            return
+        try:
+            yield from src
+        except ShardDataError as exn:
+            yield {"__fatal__": str(exn)}
 
 
 # ----------------------------------------------------------------------------- plan + loader
 @dataclass(frozen=True)
 class SplitInfo:
-    """The part of the manifest the loader needs for one split."""
+    """The part of the manifest the loader needs for one split (``files``: shard names,
+    checked to be plain names inside the store)."""
 
+    store: Any
     files: tuple[str, ...]
     counts: tuple[int, ...]
+    sizes: tuple[int, ...]
     sample_stems: tuple[str, ...] | None
     sample_keys: tuple[str, ...] | None = None
+    spec: dict | None = None
 
     @property
     def num_samples(self) -> int:
         return sum(self.counts)
 
+    @property
+    def expected(self) -> dict[str, tuple[int, int]]:
+        return {f: (c, b) for f, c, b in zip(self.files, self.counts, self.sizes)}
+
 
 def _split_info(shards_dir, split: str) -> SplitInfo:
-    manifest = read_manifest(shards_dir)
+    store = open_store(shards_dir)
+    manifest = read_manifest(store)  # names checked here: no scheme, path or '..' gets through
     if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} not in {shards_dir}/manifest.json; "
-                         f"available: {', '.join(manifest['splits'])}")
+        raise ShardsError(f"split {split!r} not in {store.location}/{MANIFEST}; "
+                          f"available: {', '.join(manifest['splits'])}")
     shards = manifest["splits"][split]["shards"]
-    if not shards:
-        raise ValueError(f"split {split!r} of {shards_dir} has no shards")
-    files = tuple(str(Path(shards_dir) / s["file"]) for s in shards)
-    for f in files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"shard {f} listed in the manifest is missing; rebuild the shards")
+    if not shards or not sum(s["count"] for s in shards):
+        raise ShardsError(f"split {split!r} of {store.location} is empty (no shards or no samples); "
+                          f"rebuild the shards")
+    files = tuple(s["file"] for s in shards)
+    if not store.remote:  # a stat each; remote folders are checked once by check_shards
+        missing = [f for f in files if store.size(f) is None]
+        if missing:
+            raise ShardsNotFound(f"shard {store.describe(missing[0])} listed in the manifest is "
+                                 f"missing; rebuild the shards or copy it back")
     keys = manifest.get("sample_keys")
     stems = tuple(dict.fromkeys(k.partition(".")[0] for k in keys)) if keys else None
-    return SplitInfo(files, tuple(int(s["count"]) for s in shards), stems, tuple(keys) if keys else None)
+    return SplitInfo(store, files, tuple(s["count"] for s in shards), tuple(s["bytes"] for s in shards),
+                     stems, tuple(keys) if keys else None, manifest.get("spec"))
 
 
 def _worker_counts(info: SplitInfo, source: ShardSource, epoch: int, dp_rank: int, dp_size: int,
@@ -562,8 +631,11 @@ class Loader:
         if self._resampler is not None:
             self._resampler.epoch = -1  # its own counter would make order depend on call count
         for batch in self._loader:
+            if "__fatal__" in batch:  # a worker's ShardDataError, one line
+                raise ShardDataError(batch["__fatal__"])
             self.errors += batch.pop("__errors__", 0)
-            yield images_to_float(batch)
+            if not batch.pop("__empty__", False):
+                yield images_to_float(batch)
         if self.num_workers == 0:
             self.errors += self._counter.take()
 
@@ -600,7 +672,7 @@ def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, st
     passes = 1
     if fixed_batches is not None:  # enough passes to fill every worker's quota from clean data
         per_worker = -(-fixed_batches // max(1, num_workers)) * batch_size
-        passes = -(-per_worker // min(info.counts)) + 1
+        passes = -(-per_worker // max(1, min(info.counts))) + 1
     if resampled:
         source = wds.ResampledShards(list(info.files), nshards=passes * len(info.files), seed=state.seed,
                                      worker_seed=ResampleSeed(state, dp_rank), deterministic=True)
@@ -609,17 +681,16 @@ def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, st
         per_pass = [("shards", ShardSource(info.files, state, shuffle=shuffle)),
                     ("split_by_dp_group", SplitByDPGroup(dp_rank, dp_size)),
                     ("split_by_worker", wds.split_by_worker)]
-    per_pass += [("open", OpenShards(errors)),
-                 ("tar", TarSamples(errors)),
+    per_pass += [("read", ReadShards(info.store, info.expected, errors)),
                  ("select_keys", SelectKeys(stems, errors))]
     if shuffle:
         per_pass.append(("shuffle", ShuffleBuffer(shuffle_buffer, state, dp_rank)))
-    per_pass.append(("decode", Decode(errors)))
+    per_pass.append(("decode", Decode(errors, info.spec)))
     per_batch = [("batch", Batch(batch_size, partial=fixed_batches is None)),
                  ("tensors", ToTensors(return_keys))]
     if fixed_batches is not None:
         per_batch.append(("take_quota", TakeQuota(fixed_batches, dp_rank)))
-    per_batch.append(("count_errors", CountErrors(errors)))
+    per_batch += [("count_errors", CountErrors(errors)), ("report_fatal", ReportFatal())]
     return per_pass, passes, per_batch
 
 
@@ -627,7 +698,8 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
                 num_workers: int = 0, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, epoch: int = 0,
                 shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
                 on_error: str = "skip", resampled: bool = False, return_keys: bool = False) -> Loader:
-    """Stream ``split`` of the shards in ``shards_dir`` as dict batches.
+    """Stream ``split`` of the shards in ``shards_dir`` (a folder or an ``http(s)://`` prefix)
+    as dict batches.
 
     Each batch maps every requested modality stem to a tensor (images: float32 (B, C, H, W) in
     [0, 1], grayscale kept as C=1; ``.npy``: float32; ``.cls``: int64 (B,); ``.json`` holding a
@@ -646,12 +718,15 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
         drop_last: True (training): every rank yields exactly
             ``num_samples // (dp_size * batch_size)`` full batches, repeating its shards if
             needed. False (evaluation): each rank reads its shards once, last batch partial.
-        on_error: ``"skip"`` (log, count in ``loader.errors``, skip) or ``"raise"``.
+        on_error: ``"skip"`` (log, count every lost sample in ``loader.errors``, skip) or
+            ``"raise"`` (a one-line ShardDataError naming the shard).
         resampled: draw shards with replacement (``wds.ResampledShards``) per rank and worker,
             for large multi-node jobs; the number of batches stays fixed as with drop_last.
     Raises:
-        FileNotFoundError: no manifest / missing shard. ValueError: bad arguments, or fewer
-        shards than ``dp_size * max(1, num_workers)``.
+        ShardsNotFound (a FileNotFoundError): no manifest / missing shard. ShardsError (a
+        ValueError): invalid manifest, an entry that is not a plain shard name, unknown or
+        empty split. ValueError: bad arguments, or fewer shards than
+        ``dp_size * max(1, num_workers)``.
     """
     info = _split_info(shards_dir, split)
     modalities = list(modalities) if not isinstance(modalities, str) else modalities

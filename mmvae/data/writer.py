@@ -15,15 +15,14 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Mapping
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-MANIFEST_FORMAT = "mmvae-shards/1"
-SHARD_PATTERN = "{split}-{index:06d}.tar"
-BUILD_HINT = ("build the shards first: `python launch/shard_demo.py --dataset digits --out DIR`, "
-              "`python launch/shard_mnist_svhn.py ...` or `python launch/shard_cub.py ...`")
+# read_manifest, the shard checks and verify_shards live in manifest.py and checks.py; they are
+# re-exported here for the code that imported them from the writer.
+from mmvae.data.manifest import (BUILD_HINT, MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN,  # noqa: F401
+                                 read_manifest)
 # Fixed tar metadata so that the same samples always give byte-identical shards.
 _TAR_META = dict(user="mmvae", group="mmvae", mode=0o444, mtime=0)  # int: a float adds a pax header per file
 
@@ -197,9 +196,27 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _first_sample_spec(out_dir: Path, splits: Mapping[str, list[dict]]) -> dict | None:
+    """The modality spec of the first sample of the first non-empty shard (None if none)."""
+    from mmvae.data.samples import sample_spec
+
+    entry = next((s for shards in splits.values() for s in shards if s["count"]), None)
+    if entry is None:
+        return None
+    sample: dict = {}
+    with tarfile.open(out_dir / entry["file"], mode="r|") as tar:
+        for member in tar:
+            stem, _, key = member.name.partition(".")
+            if sample and stem != sample["__key__"]:
+                break
+            sample["__key__"] = stem
+            sample[key] = tar.extractfile(member).read()
+    return sample_spec(sample)
+
+
 def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
                    splits: Mapping[str, list[dict]], extra_files: Iterable[str] = (),
-                   *, sample_keys: Iterable[str] | None = None) -> dict:
+                   *, sample_keys: Iterable[str] | None = None, spec: Mapping | None = None) -> dict:
     """Write ``out_dir/manifest.json`` (atomically; the folder counts as built after this).
 
     Args:
@@ -210,6 +227,9 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
             ``vocab.json``; their sha256 and size are recorded.
         sample_keys: the file keys of every sample (e.g. ``["label.cls", "mnist.png",
             "svhn.png"]``); the loader uses it to know which keys are required.
+        spec: file key -> modality spec (``mmvae.data.samples``); by default read from the
+            first sample of the first shard written, so that the loader can check every
+            later sample's shape, dtype and caption length against it.
     Returns:
         the manifest as a dict.
     """
@@ -228,98 +248,7 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
         "splits": {name: {"num_samples": sum(s["count"] for s in shards), "shards": list(shards)}
                    for name, shards in splits.items()},
         "extra_files": extras,
+        "spec": dict(spec) if spec is not None else _first_sample_spec(out_dir, splits),
     }
     _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest
-
-
-def read_manifest(shards_dir) -> dict:
-    """Load and sanity-check ``shards_dir/manifest.json``.
-
-    Raises:
-        FileNotFoundError: no manifest (shards not built, or the build was interrupted).
-        ValueError: the manifest is unreadable or lacks required fields.
-    """
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"no {MANIFEST} in {shards_dir}: {BUILD_HINT}")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc}); rebuild: {BUILD_HINT}") from exc
-    missing = [k for k in ("dataset", "params", "splits") if k not in manifest]
-    if missing:
-        raise ValueError(f"{path} lacks {', '.join(missing)}; rebuild: {BUILD_HINT}")
-    for split, info in manifest["splits"].items():
-        for shard in info.get("shards", []):
-            if not {"file", "count", "sha256"} <= set(shard):
-                raise ValueError(f"{path}: split {split!r} has a shard entry without file/count/sha256")
-    return manifest
-
-
-class _HashingReader:
-    """Read-through wrapper: hash every byte tarfile reads, so checking sha256 and counting
-    samples take one pass over the shard."""
-
-    def __init__(self, raw):
-        self.raw, self.sha256 = raw, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.sha256.update(data)
-        return data
-
-    def drain(self) -> None:
-        for block in iter(lambda: self.read(1 << 20), b""):
-            pass
-
-
-def _count_samples(reader: _HashingReader) -> int:
-    """Number of samples in a WebDataset tar: runs of consecutive members sharing a key."""
-    count, last = 0, None
-    with tarfile.open(fileobj=reader, mode="r|") as tar:
-        for member in tar:
-            if not member.isreg():
-                continue
-            name = member.name.rsplit("/", 1)
-            key = (name[0] + "/" if len(name) == 2 else "") + name[-1].split(".", 1)[0]
-            if key != last:
-                count, last = count + 1, key
-    return count
-
-
-def check_shard(path, expected_sha256: str, expected_count: int) -> dict:
-    """Check one shard (or side file when ``expected_count`` is None) against the manifest;
-    returns ``{"file", "ok", "problem", "count"}``."""
-    path = Path(path)
-    result = {"file": path.name, "ok": False, "problem": None, "count": None}
-    if not path.is_file():
-        result["problem"] = "missing"
-        return result
-    with open(path, "rb") as raw:
-        reader = _HashingReader(raw)
-        try:
-            if expected_count is not None:
-                result["count"] = _count_samples(reader)
-        except tarfile.TarError as exc:
-            result["problem"] = f"unreadable tar ({exc})"
-        reader.drain()
-    digest = reader.sha256.hexdigest()
-    if result["problem"] is None and digest != expected_sha256:
-        result["problem"] = f"sha256 mismatch (manifest {expected_sha256[:12]}…, file {digest[:12]}…)"
-    elif result["problem"] is None and expected_count is not None and result["count"] != expected_count:
-        result["problem"] = f"{result['count']} samples, manifest says {expected_count}"
-    result["ok"] = result["problem"] is None
-    return result
-
-
-def verify_shards(shards_dir) -> Iterator[tuple[str, dict, dict]]:
-    """Yield ``(split, manifest_entry, check_result)`` for every shard and extra file (split
-    ``"extra"`` for side files), checking sha256 and sample counts against the manifest."""
-    shards_dir = Path(shards_dir)
-    manifest = read_manifest(shards_dir)
-    for split, info in manifest["splits"].items():
-        for shard in info["shards"]:
-            yield split, shard, check_shard(shards_dir / shard["file"], shard["sha256"], shard["count"])
-    for name, entry in (manifest.get("extra_files") or {}).items():
-        yield "extra", {"file": name, **entry}, check_shard(shards_dir / name, entry["sha256"], None)

@@ -27,8 +27,10 @@ from pathlib import Path
 import torch
 
 from mmvae.config import Config, ConfigError, save_config, to_dict
-from mmvae.data import make_loader, read_manifest
+from mmvae.data import make_loader
 from mmvae.data.builtin import ensure_builtin
+from mmvae.data.checks import check_shards
+from mmvae.data.store import REMOTE_SCHEMES
 from mmvae.eval import pictures
 from mmvae.log import MetricsLog, TrainProgress, console, track
 from mmvae.paths import unwritable
@@ -65,6 +67,7 @@ class TrainState:
     bad_in_row: int = 0  # non-finite steps skipped in a row (train.max_bad_steps)
     bad_total: int = 0
     overflow_steps: int = 0  # fp16 steps whose gradients overflowed: skipped by the grad scaler
+    data_errors: int = 0  # samples lost by all ranks up to the last checkpoint (see _data_errors)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -84,6 +87,7 @@ class Session:
     stop_requested: bool = False
     saved_at: tuple = ()  # TrainState.position of the last checkpoint written or loaded
     checkpoint_failures: int = 0
+    data_errors: int = 0  # samples this rank's finished loaders lost since the last checkpoint
     history: dict = field(default_factory=dict)  # last test and eval events, for summary.json
 
 
@@ -119,20 +123,37 @@ def _new_run_dir(cfg: Config) -> Path:
 
 
 def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
-    shards = Path(cfg.data.shards)
-    if cfg.data.builtin and not (shards / "manifest.json").is_file():
+    """Build a missing built-in dataset, then check the shards (mmvae.data.checks): a bad
+    manifest, a missing shard or an empty split is a one-line ConfigError before anything is
+    written."""
+    remote = cfg.data.shards.startswith(REMOTE_SCHEMES)
+    shards = cfg.data.shards if remote else Path(cfg.data.shards)
+    if cfg.data.builtin and not remote and not (shards / "manifest.json").is_file():
         if problem := unwritable(shards):  # every rank: none may wait for a build that fails
             raise ConfigError(f"data.builtin={cfg.data.builtin} cannot be built into "
                               f"data.shards={shards}: {problem}; set data.shards to a "
                               f"writable folder")
-    if cfg.data.builtin and layout.is_main:
+    if cfg.data.builtin and layout.is_main and not remote:
         ensure_builtin(shards, cfg.data.builtin)
     accelerator.wait_for_everyone()
-    if not (shards / "manifest.json").is_file():
+    if not remote and not (shards / "manifest.json").is_file():
         hint = SHARD_HINTS.get(cfg.model.name, "python launch/shard_demo.py --dataset digits "
                                                "--out {shards}").format(shards=shards)
         raise ConfigError(f"no shards at {shards} (manifest.json missing): build them with `{hint}`")
-    return read_manifest(shards)
+    splits = ["train"] + (["test"] if cfg.train.test_every or cfg.train.eval_every else [])
+    report = check_shards(shards, splits, verify=cfg.data.verify, on_error=cfg.data.on_error)
+    if cfg.data.verify == "sha256" and layout.is_main:
+        console.print(report.timing())
+    return report.manifest
+
+
+def _data_errors(run: Run, current: int = 0) -> int:
+    """Samples lost so far: those counted at the last checkpoint, plus this session's finished
+    loaders and ``current``, summed over the data-parallel groups (the ranks of one particle
+    group read the same samples, so one of them counts). Collective: every rank calls it at the
+    same point."""
+    mine = run.session.data_errors + current if run.layout.shard_index == 0 else 0
+    return run.state.data_errors + int(all_sum([float(mine)], run.accelerator)[0])
 
 
 def _check_run_dir(run_dir: Path) -> Path:
@@ -316,6 +337,8 @@ def save_checkpoint(run: Run) -> bool:
     if state.position == session.saved_at:
         return True  # e.g. a stop right after a periodic checkpoint: nothing new to save
     acc, root = run.accelerator, run.run_dir / "checkpoints"
+    # the loss count so far into the TrainState (all ranks: a collective), this session's restarts
+    state.data_errors, session.data_errors = _data_errors(run), 0
     if run.layout.is_main:
         ckpt.discard(root, state.step)  # leftovers of a write that crashed at this step
     acc.wait_for_everyone()
@@ -377,8 +400,15 @@ def _done(run: Run) -> bool:
 
 
 def train_epoch(run: Run, progress: TrainProgress) -> None:
-    cfg, acc, state = run.cfg, run.accelerator, run.state
     loader = _loader(run, "train", train=True)
+    try:
+        _train_batches(run, loader, progress)
+    finally:
+        run.session.data_errors += loader.errors
+
+
+def _train_batches(run: Run, loader, progress: TrainProgress) -> None:
+    cfg, acc, state = run.cfg, run.accelerator, run.state
     run.wrapped.train()
     for i, batch in enumerate(loader):
         if i < state.batch_in_epoch:
@@ -391,7 +421,7 @@ def train_epoch(run: Run, progress: TrainProgress) -> None:
             event = run.metrics.write(state.step, state.epoch, "train", samples_per_s=rate,
                                       bad_steps=state.bad_total,
                                       overflow_steps=state.overflow_steps,
-                                      data_errors=getattr(loader, "errors", 0), **stats)
+                                      data_errors=_data_errors(run, loader.errors), **stats)
             run.tracker.log({f"train/{k}": v for k, v in event.items() if k != "split"},
                             step=state.step)
         if stats["skipped"] and not stats["overflow"]:
@@ -451,9 +481,12 @@ def test_epoch(run: Run) -> dict:
         total, count = total + float(values.sum()), count + values.shape[0]
     total, count = all_sum([total, float(count)], acc)
     bound = total / max(count, 1)
+    run.session.data_errors += loader.errors
     event = run.metrics.write(run.state.step, run.state.epoch, "test", bound=bound, loss=-bound,
-                              datapoints=int(count), K=cfg.objective.K)
-    run.tracker.log({"test/bound": bound}, step=run.state.step)
+                              datapoints=int(count), K=cfg.objective.K,
+                              data_errors=_data_errors(run))
+    run.tracker.log({"test/bound": bound, "test/data_errors": event["data_errors"]},
+                    step=run.state.step)
     run.wrapped.train()
     return event
 
@@ -567,11 +600,12 @@ def _finish(run: Run, seconds: float, steps: int) -> None:
     if cfg.train.eval_every and session.history.get("eval", {}).get("step") != state.step:
         eval_epoch(run)
     _fp32_masters(run)
+    data_errors = _data_errors(run)
     if run.layout.is_main:
         save_model(run.model, run.run_dir / "model")
         samples = steps * cfg.data.batch_size * run.layout.dp_size
         summary = {"step": state.step, "epoch": state.epoch, "bad_steps": state.bad_total,
-                   "overflow_steps": state.overflow_steps,
+                   "overflow_steps": state.overflow_steps, "data_errors": data_errors,
                    "checkpoint_failures": session.checkpoint_failures,
                    "train_seconds": round(seconds, 2),
                    "samples_per_s": round(samples / max(seconds, 1e-9), 2),

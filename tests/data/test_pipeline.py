@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -24,7 +25,9 @@ def keys_of(loader):
 
 
 def rewrite_member(path, fn):
-    """Rewrite a shard, replacing member payloads by fn(name, data) (None drops the member)."""
+    """Rewrite a shard, replacing member payloads by fn(name, data) (None drops the member),
+    and its manifest entry's size and sha256: bad data written at build time, which only the
+    per-sample checks can catch."""
     with tarfile.open(path) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     with tarfile.open(path, "w") as tar:
@@ -33,6 +36,12 @@ def rewrite_member(path, fn):
             if data is not None:
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
+    manifest_path = path.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in (e for split in manifest["splits"].values() for e in split["shards"]):
+        if entry["file"] == path.name:
+            entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest_path.write_text(json.dumps(manifest))
 
 
 def test_batch_shapes_dtypes_ranges_and_exact_pixels(tiny_dir, tiny):
@@ -231,7 +240,7 @@ def test_pipeline_is_picklable_for_spawned_workers(tiny_dir):
     loader = make_loader(tiny_dir, "train", batch_size=4, modalities=MODS)
     clone = pickle.loads(pickle.dumps(loader.pipeline))
     assert sum(b["label"].shape[0] for b in clone) == 32
-    assert loader.stages[:5] == ("shards", "split_by_dp_group", "split_by_worker", "open", "tar")
+    assert loader.stages[:4] == ("shards", "split_by_dp_group", "split_by_worker", "read")
 
 
 def test_does_not_read_rank_env_vars(tiny_dir, monkeypatch):
@@ -254,3 +263,32 @@ def test_shards_are_closed_after_reading_not_left_to_the_gc(tiny_dir):
         keys_of(_eval_loader(tiny_dir))
         gc.collect()
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_a_shard_of_bad_samples_counts_each_and_warns_a_few_times(tiny_dir, caplog):
+    rewrite_member(tiny_dir / "test-000000.tar",
+                   lambda n, d: _small_png() if n.endswith("mnist.png") else d)
+    with caplog.at_level(logging.WARNING, logger="mmvae.data"):
+        loader = _eval_loader(tiny_dir)
+        keys = keys_of(loader)
+    assert len(keys) == 13 and loader.errors == 5  # every sample of the 5-sample shard
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and "has shape (1, 10, 10), the spec says (1, 28, 28)" in lines[0]
+    assert "more bad samples in shard" in lines[3] and "test-000000.tar" in lines[3]
+
+
+def test_without_a_spec_in_the_manifest_the_first_good_sample_sets_it(tiny_dir):
+    rewrite_member(tiny_dir / "test-000001.tar", lambda n, d: _small_png() if n == "00000038.mnist.png" else d)
+    manifest = json.loads((tiny_dir / "manifest.json").read_text())
+    del manifest["spec"]  # shards built before the spec existed
+    (tiny_dir / "manifest.json").write_text(json.dumps(manifest))
+    loader = _eval_loader(tiny_dir)
+    keys = keys_of(loader)
+    assert "00000038" not in keys and len(keys) == 17 and loader.errors == 1
+
+
+def _small_png():
+    buf = io.BytesIO()
+    from PIL import Image
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
