@@ -565,3 +565,22 @@ def test_two_processes_count_each_lost_sample_once(pristine, tmp_path, particle_
             if json.loads(x)["split"] == "test"]
     assert test[-1]["data_errors"] == lost
     assert json.loads((run_dir / "summary.json").read_text())["data_errors"] == lost
+
+
+def test_lost_samples_are_carried_through_a_resume(pristine, tmp_path, capsys):
+    """data_errors lives in the checkpointed TrainState: one epoch, then --resume auto for a
+    second, counts what two uninterrupted epochs count (the damaged test shard, read twice)."""
+    folder = tmp_path / "digits"
+    shutil.copytree(pristine / "digits", folder)
+    lost = garbage_bytes(folder)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert _train(folder, straight, "skip", capsys, "train.epochs=2")[0] == 0
+    assert _train(folder, split, "skip", capsys)[0] == 0
+    train_main = _entry_point("train")
+    assert train_main(["--config", str(ROOT / "configs" / "demo.yaml"), "--resume", "auto",
+                       f"data.shards={folder}", "data.builtin=", f"run.dir={split}",
+                       "logging.wandb=disabled", "logging.progress=false", "data.batch_size=16",
+                       "model.latent_dim=4", "objective.K=2", "train.epochs=2",
+                       "train.test_batches=0", "data.num_workers=0", "data.on_error=skip"]) == 0
+    summaries = [json.loads((run / "summary.json").read_text()) for run in (straight, split)]
+    assert summaries[0]["data_errors"] == summaries[1]["data_errors"] == 2 * lost
