@@ -239,7 +239,8 @@ def cuda_memory_section(args) -> dict:
 
 # --- DeepSpeed through accelerate launch (subprocesses) ----------------------------------------
 
-DS_MISSING = [m for m in ("deepspeed", "webdataset", "sklearn") if importlib.util.find_spec(m) is None]
+DS_MISSING = [m for m in ("deepspeed", "webdataset", "sklearn")
+              if importlib.util.find_spec(m) is None]
 
 
 def deepspeed_section(args) -> dict:

@@ -3,9 +3,10 @@
 Densities are written as plain functions of (value, loc, scale) rather than through
 `torch.distributions` objects so that the estimators can evaluate the same density with its
 parameters detached (DReG) and so that every log-density is computed in fp32 whatever the
-networks' autocast precision. Their sums over data and latent dimensions (`log_sum`) are fp64. Noise is drawn in its standard form (loc 0, scale 1) and moved by
-`reparam`, which lets the trainer draw the noise of all K particles once and hand slices of it to
-particle shards or K-chunks: the union of the slices is exactly the one-process draw.
+networks' autocast precision; their sums over data and latent dimensions (`log_sum`) are fp64.
+Noise is drawn in its standard form (loc 0, scale 1) and moved by `reparam`, which lets the
+trainer draw the noise of all K particles once and hand slices of it to particle shards or
+K-chunks: the union of the slices is exactly the one-process draw.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ def dry_run():
     proc = subprocess.run([str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     lines = proc.stdout.strip().splitlines()
-    assert len(lines) == 1, f"one JSON line expected on stdout:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    assert len(lines) == 1, f"one JSON line on stdout:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     summary = json.loads(lines[0])
     assert proc.returncode == (0 if summary["ok"] else 1)
     return summary

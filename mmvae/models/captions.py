@@ -16,8 +16,9 @@ their logits (N, 32, V) take 6400*32*1590*4 B = 1.3 GB in fp32 per copy; log_sof
 gradient and the logits would hold three such copies. `fused_token_log_prob` never builds them:
 it takes the inputs of the tied output layer, computes logits ``chunk`` rows at a time, keeps
 only log-sum-exp per row, and recomputes each chunk's logits in the backward pass (one extra
-(rows x 128) @ (128 x V) product, a few percent of a CUB decoder's cost). Everything is fp32, except the sum over
-positions, which is fp64 like every log-density sum feeding the log-weights (`mmvae.dists.log_sum`).
+(rows x 128) @ (128 x V) product, a few percent of a CUB decoder's cost). Everything is fp32
+except the sum over positions, fp64 like every log-density sum feeding the log-weights
+(`mmvae.dists.log_sum`).
 """
 from __future__ import annotations
 
