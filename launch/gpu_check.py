@@ -126,12 +126,13 @@ class Trainer:
         """`warmup` steps; under fp16 more, until one is not skipped: the loss scale starts at
         2^16 and halves at each overflow (routine while it settles: a ~5e3-nat loss needs a few
         halvings). Returns the number of overflow-skipped warm-up steps."""
-        skipped = 0
+        skipped = last_skipped = 0
         for i in range(MAX_SETTLE):
-            stats = self.step()
-            skipped += int(stats["skipped"])
-            if i + 1 >= warmup and not (self.acc.scaler is not None and stats["skipped"]):
+            settled = self.acc.scaler is None or (i > 0 and not last_skipped)
+            if i >= warmup and settled:
                 break
+            last_skipped = int(self.step()["skipped"])
+            skipped += last_skipped
         return skipped
 
     def timed(self, warmup: int, steps: int) -> dict:
