@@ -284,7 +284,8 @@ def deepspeed_resume(work: Path, precision: str, args) -> dict:
 def error_line(stderr: str) -> str:
     """The line of a failed run's stderr that names the error (else its last line)."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
-    named = [line for line in lines if "Error" in line or line.startswith(("error:", "stopped:"))]
+    named = [line for line in lines if ("Error" in line or line.startswith(("error:", "stopped:")))
+             and "ChildFailedError" not in line]  # the launcher's, not the rank's error
     return ((named or lines or [""])[-1])[-500:]
 
 
