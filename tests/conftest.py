@@ -32,8 +32,6 @@ def gaussian_pair():
 def pytest_configure(config):
     config.addinivalue_line("markers", "slurm: needs a SLURM cluster (tests/test_slurm.py brings "
                                        "one up on loopback with scripts/slurm_local.sh)")
-    config.addinivalue_line("markers", "slow: takes minutes on the 2-core CPU box "
-                                       "(deselect with -m 'not slow')")
 
 
 @pytest.fixture(scope="session")
