@@ -46,8 +46,9 @@ def test_dry_run_reports_every_section_and_the_cpu_paths_pass(dry_run):
         assert section["ok"] or "error" in json.dumps(section), (name, section)
 
 
-@pytest.mark.xfail(reason="fp16 overflow handling and DeepSpeed resume are fixed on main (issue12a),"
-                          " not on this branch; with main merged this passes (drop the xfail)",
+@pytest.mark.xfail(reason="fp16 overflow handling and DeepSpeed resume are fixed on main "
+                          "(issue12a), not on this branch; with main merged this passes (drop "
+                          "the xfail)",
                    strict=False)
 def test_dry_run_passes_every_section(dry_run):
     failed = {name: s for name, s in dry_run["sections"].items()
