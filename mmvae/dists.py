@@ -3,9 +3,10 @@
 Densities are written as plain functions of (value, loc, scale) rather than through
 `torch.distributions` objects so that the estimators can evaluate the same density with its
 parameters detached (DReG) and so that every log-density is computed in fp32 whatever the
-networks' autocast precision. Noise is drawn in its standard form (loc 0, scale 1) and moved by
-`reparam`, which lets the trainer draw the noise of all K particles once and hand slices of it to
-particle shards or K-chunks: the union of the slices is exactly the one-process draw.
+networks' autocast precision; their sums over data and latent dimensions (`log_sum`) are fp64.
+Noise is drawn in its standard form (loc 0, scale 1) and moved by `reparam`, which lets the
+trainer draw the noise of all K particles once and hand slices of it to particle shards or
+K-chunks: the union of the slices is exactly the one-process draw.
 """
 from __future__ import annotations
 
@@ -24,6 +25,29 @@ ETA = 1e-6
 def fp32(t: torch.Tensor) -> torch.Tensor:
     """At least single precision: half/bfloat16 autocast outputs go up to fp32, fp64 stays."""
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+LOG_SUM_BLOCK = 16
+"""Consecutive terms that `log_sum` adds in fp32 before the fp64 accumulation."""
+
+
+def log_sum(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sum log-densities over `dim`, accumulated and returned in fp64.
+
+    Why: an MNIST-SVHN log-weight is ~ -5e3 nats, where one fp32 ulp is ~5e-4; a sum over
+    784/3072 pixels kept in fp32 rounds differently when the same particles are decoded in
+    another batch layout (K/P particles per rank, K-chunks), and the importance weights
+    exp(l - lse) inherit that ~5e-4 relative noise. Accumulated in fp64, the layouts agree to the
+    rounding of the fp32 terms themselves. Long sums first add blocks of LOG_SUM_BLOCK terms in
+    fp32 (partial sums of a few nats, rounded at ~1e-6) and accumulate the blocks in fp64: an
+    fp64 copy of every term (x K particles x B x pixels) would cost a full extra pass over the
+    largest tensor of the step. The gradient flows back to the terms in their own dtype.
+    """
+    n = t.shape[dim]
+    if n <= 4 * LOG_SUM_BLOCK or n % LOG_SUM_BLOCK:
+        return t.sum(dim, dtype=torch.float64)
+    blocks = t.movedim(dim, -1).unflatten(-1, (n // LOG_SUM_BLOCK, LOG_SUM_BLOCK)).sum(-1)
+    return blocks.sum(-1, dtype=torch.float64)
 
 
 def log_mean_exp(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -26,7 +26,13 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
 
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
-log-sum-exp into the global one. Log-weights and every log-sum-exp are fp32.
+log-sum-exp into the global one.
+
+Precision: the networks may run in bf16/fp16 and the elementwise log-densities are fp32, but
+their sums over data and latent dimensions are accumulated in fp64 (`mmvae.dists.log_sum`), and
+the log-weights, normalisers, weights and returned bounds are fp64. A log-weight of ~ -5e3 nats
+(MNIST-SVHN) has an fp32 ulp of ~5e-4, which would make the weights depend on the batch layout
+(one process, P particle shards, K-chunks) at that level; in fp64 the layouts agree to ~1e-7.
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from typing import Sequence
 
 import torch
 
-from mmvae.dists import kl
+from mmvae.dists import kl, log_sum
 
 VARIANTS = ("unbiased", "paper", "stl")
 
@@ -100,7 +106,7 @@ def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None) -> Particle
     posts = [e.posterior(x) for e, x in zip(experts, xs)]
     z = _reparam(model, posts, eps)  # (M, K, B, D)
     prior_loc, prior_scale = model.prior_params()
-    log_joint = model.prior_family.log_prob(z, prior_loc, prior_scale).sum(-1)  # (M, K, B)
+    log_joint = log_sum(model.prior_family.log_prob(z, prior_loc, prior_scale))  # (M, K, B)
     for lam, expert, x in zip(model.llik_scaling, experts, xs):
         log_joint = log_joint + lam * expert.log_likelihood(x, z)
     return Particles(z, posts, log_joint, eps)
@@ -117,12 +123,12 @@ def log_q_matrix(model, z: torch.Tensor, posts, detach_params: bool) -> torch.Te
     for expert, (loc, scale) in zip(model.experts, posts):
         if detach_params:
             loc, scale = loc.detach(), scale.detach()
-        rows.append(expert.posterior_family.log_prob(z, loc, scale).sum(-1))
+        rows.append(log_sum(expert.posterior_family.log_prob(z, loc, scale)))
     return torch.stack(rows)
 
 
 def log_weights(model, xs, K: int | None = None, eps=None) -> torch.Tensor:
-    """l(z_rk) for all particles, (M, K, B), fp32, with its full gradient graph."""
+    """l(z_rk) for all particles, (M, K, B), fp64, with its full gradient graph."""
     p = draw(model, _as_list(xs), K, eps)
     log_q = log_q_matrix(model, p.z, p.posts, detach_params=False)
     return p.log_joint - (torch.logsumexp(log_q, 0) - math.log(log_q.shape[0]))
@@ -209,7 +215,7 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
         alpha_own = log_alpha_all[idx, idx].exp().detach()  # alpha_r(z_rk): (M, K, B)
         path_scale = 1 - (1 - w_soft) * alpha_own
         surrogate = surrogate + _mixture_terms(model, p, w, idx)
-    p.z.register_hook(lambda grad: grad * path_scale.unsqueeze(-1))
+    p.z.register_hook(lambda grad: (grad * path_scale.unsqueeze(-1)).to(grad.dtype))
     return _with_value(value, surrogate)
 
 
@@ -247,7 +253,7 @@ def elbo(model, x, K: int = 1, *, eps=None) -> torch.Tensor:
     z = model.posterior_family.reparam(loc, scale, noise[0][0])  # (B, D)
     prior_loc, prior_scale = model.prior_params()
     kl_term = kl(model.posterior_family, loc, scale, model.prior_family, prior_loc, prior_scale)
-    return model.log_likelihood(x, z) - kl_term.sum(-1)
+    return model.log_likelihood(x, z) - log_sum(kl_term)
 
 
 def m_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
@@ -269,16 +275,17 @@ def m_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
         loc_d, scale_d = posts[d]
         z_d = expert_d.posterior_family.reparam(loc_d, scale_d, noise[d][0])  # (B, D)
         lpx = model.llik_scaling[d] * expert_d.log_likelihood(x_d, z_d)  # (B,)
-        log_q_dd = expert_d.posterior_family.log_prob(z_d.detach(), loc_d, scale_d).sum(-1)
+        log_q_dd = log_sum(expert_d.posterior_family.log_prob(z_d.detach(), loc_d, scale_d))
         for r, expert_r in enumerate(experts):
             if r == d:
                 total = total + lpx
                 continue
             loc_r, scale_r = posts[r]
-            log_q_rd = expert_r.posterior_family.log_prob(z_d.detach(), loc_r, scale_r).sum(-1)
+            log_q_rd = log_sum(expert_r.posterior_family.log_prob(z_d.detach(), loc_r,
+                                                                   scale_r))
             total = total + torch.exp(log_q_rd - log_q_dd.detach()) * lpx
-        total = total - kl(expert_d.posterior_family, loc_d, scale_d, model.prior_family,
-                           prior_loc, prior_scale).sum(-1)
+        total = total - log_sum(kl(expert_d.posterior_family, loc_d, scale_d,
+                                   model.prior_family, prior_loc, prior_scale))
     return total / M
 
 

@@ -16,13 +16,17 @@ their logits (N, 32, V) take 6400*32*1590*4 B = 1.3 GB in fp32 per copy; log_sof
 gradient and the logits would hold three such copies. `fused_token_log_prob` never builds them:
 it takes the inputs of the tied output layer, computes logits ``chunk`` rows at a time, keeps
 only log-sum-exp per row, and recomputes each chunk's logits in the backward pass (one extra
-(rows x 128) @ (128 x V) product, a few percent of a CUB decoder's cost). Everything is fp32.
+(rows x 128) @ (128 x V) product, a few percent of a CUB decoder's cost). Everything is fp32
+except the sum over positions, fp64 like every log-density sum feeding the log-weights
+(`mmvae.dists.log_sum`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from mmvae.dists import log_sum
 
 EXC, PAD, EOS = 0, 1, 2
 """Special token ids of the CUB vocabulary: out-of-vocabulary, padding, end of sentence."""
@@ -108,23 +112,23 @@ class CaptionLikelihood:
         return token_weights(tokens, self.paper_token_loss)
 
     def log_prob_sum(self, x: torch.Tensor, out: torch.Tensor, ndims: int = 1) -> torch.Tensor:
-        """From logits: x (B, L) ids, out (..., B, L, V) -> (..., B) fp32. Builds the full
+        """From logits: x (B, L) ids, out (..., B, L, V) -> (..., B) fp64. Builds the full
         log-sum-exp over `out`; the estimators use `log_prob_hidden` instead."""
         tokens = x.long()
         logits = out.float()
         picked = logits.gather(-1, tokens.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-        return ((picked - torch.logsumexp(logits, -1)) * self.weights(tokens)).sum(-1)
+        return log_sum((picked - torch.logsumexp(logits, -1)) * self.weights(tokens))
 
     def log_prob_hidden(self, x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
         """From the inputs of the output layer (logits = h W^T + b): x (B, L) ids,
-        h (..., B, L, E) -> (..., B) fp32, fused and chunked (module docstring)."""
+        h (..., B, L, E) -> (..., B) fp64, fused and chunked (module docstring)."""
         tokens = x.long()
         lead = h.shape[:-1]  # (..., B, L)
         target = tokens.expand(lead).reshape(-1)
         row_weight = self.weights(tokens).expand(lead).reshape(-1)
         rows = fused_token_log_prob(h.reshape(-1, h.shape[-1]), weight, bias, target, row_weight)
-        return rows.reshape(lead).sum(-1)
+        return log_sum(rows.reshape(lead))
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
         """The paper's "mean" of a caption: its logits (..., L, V); text = argmax to <eos>."""

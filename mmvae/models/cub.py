@@ -34,7 +34,7 @@ class CaptionVAE(VAE):
     (M, K, B, 32, V) logits; `decode` (pictures, coherence) still returns logits."""
 
     def log_likelihood(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """log p(x|z): x (B, 32) token ids, z (..., B, D) -> (..., B), fp32."""
+        """log p(x|z): x (B, 32) token ids, z (..., B, D) -> (..., B), fp64."""
         lead = z.shape[:-1]
         h = self.dec(z.reshape(-1, z.shape[-1]), logits=False)  # (N, 32, 128): one decoder call
         h = h.reshape(*lead, *h.shape[1:])

@@ -478,7 +478,8 @@ def test_epoch(run: Run) -> dict:
                                 seed=cfg.train.seed + i)
             if i == 0 and run.layout.is_main:
                 _save_pictures(run, xs)
-        total, count = total + float(values.sum()), count + values.shape[0]
+        if run.layout.shard_index == 0:  # the P ranks of a particle group share the batch
+            total, count = total + float(values.sum()), count + values.shape[0]
     total, count = all_sum([total, float(count)], acc)
     bound = total / max(count, 1)
     run.session.data_errors += loader.errors
