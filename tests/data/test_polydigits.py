@@ -18,7 +18,7 @@ from mmvae.data.pipeline import make_loader
 from mmvae.data.recipes.common import png_batch
 from mmvae.data.recipes.digits import load_handwritten
 from mmvae.data.recipes.polydigits import MODALITIES, STYLES, build_polydigits, compose
-from mmvae.data.writer import verify_shards
+from mmvae.data.checks import verify_shards
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(sources_per_class=30, train_samples=200, test_samples=60, train_shards=2, test_shards=1, progress=False)
