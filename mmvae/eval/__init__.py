@@ -14,14 +14,17 @@ One module per job:
 * `distributed`  `Ranks`: metrics sharded over `accelerate launch` processes, gathered in order;
 * `run`          `evaluate_run(run_dir, metrics)`: the metric registry and the glue to the data.
 
-Importing `mmvae.eval` is cheap: submodules (and matplotlib, umap, sklearn) load on first use.
+Importing `mmvae.eval` is cheap: submodules (and torch, matplotlib, umap, sklearn) load on first
+use, so the numpy-only `mmvae.eval.text` imports without torch.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _EXPORTS = {
     "calculate_likelihoods": "likelihoods",
@@ -50,6 +53,8 @@ __all__ = ["eval_mode", "posterior_sample", "decode_mean", *_EXPORTS]
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """`model.eval()` and no_grad for the block; the previous train/eval mode is restored."""
+    import torch  # here, not at the top: `mmvae.eval.text` is imported without torch
+
     was_training = model.training
     model.eval()
     try:

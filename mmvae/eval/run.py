@@ -28,8 +28,8 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-from mmvae.config import (PERIODIC_METRICS, Config, ConfigError, EvalConfig, _apply, load_config,
-                          validate)
+from mmvae.config import (PERIODIC_METRICS, Config, ConfigError, EvalConfig, apply_override,
+                          load_config, validate)
 from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
@@ -51,7 +51,7 @@ def resolve_options(cfg: Config, **explicit) -> EvalConfig:
     """The run's `eval` config section with explicit keyword options applied (validated like
     command-line overrides)."""
     for key, value in explicit.items():
-        _apply(cfg, f"eval.{key}", value)
+        apply_override(cfg, f"eval.{key}", value)
     validate(cfg)
     return cfg.eval
 

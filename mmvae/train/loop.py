@@ -170,7 +170,7 @@ def _note_changes(path: Path, meta: dict, cfg: Config, layout: Layout) -> None:
         console.print(f"[yellow]resuming step {meta['step']} with changes: {'; '.join(changes)}[/]")
 
 
-def _model_kwargs(cfg: Config) -> dict:
+def model_kwargs(cfg: Config) -> dict:
     """The model section, with the caption vocabulary size read from the shards when unset."""
     kwargs = dataclasses.asdict(cfg.model)
     kwargs.pop("name")
@@ -201,7 +201,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     _ensure_shards(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
-    model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    model = build_model(cfg.model.name, **model_kwargs(cfg))
     if cfg.train.init_from and resume_from is None:
         _init_from(model, cfg.train.init_from, run_dir, layout)
     model = compile_nets(model, cfg.train.compile)
