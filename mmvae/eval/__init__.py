@@ -12,7 +12,9 @@ One module per job:
 * `plots`        latent embedding (UMAP) and per-dimension KL box plots;
 * `report`       the metrics table and `report.md`;
 * `distributed`  `Ranks`: metrics sharded over `accelerate launch` processes, gathered in order;
-* `run`          `evaluate_run(run_dir, metrics)`: the metric registry and the glue to the data.
+* `context`      `EvalContext`: the run, its model and options, and the batches metrics read;
+* `metrics`      `METRICS`: one `Metric(fn, applies_to, sharded, needs_labels)` record per name;
+* `run`          `evaluate_run(run_dir, metrics)`: load and check, run the metrics, write the files.
 
 Importing `mmvae.eval` is cheap: submodules (and torch, matplotlib, umap, sklearn) load on first
 use, so the numpy-only `mmvae.eval.text` imports without torch.
@@ -44,7 +46,9 @@ _EXPORTS = {
     "kl_plot": "plots",
     "write_report": "report",
     "evaluate_run": "run",
-    "METRICS": "run",
+    "METRICS": "metrics",
+    "Metric": "metrics",
+    "EvalContext": "context",
 }
 
 __all__ = ["eval_mode", "posterior_sample", "decode_mean", *_EXPORTS]
