@@ -234,8 +234,9 @@ class Config:
 
 
 PERIODIC_METRICS = ("likelihood", "coherence", "attributes", "cca")
-"""Metrics the trainer can compute every `train.eval_every` epochs: the sharded ones of
-`mmvae.eval.run`, which every process computes a share of."""
+"""Metrics the trainer can compute every `train.eval_every` epochs: the `sharded` records of
+`mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
+config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
 CHOICES = {
     "objective.name": ("elbo", "iwae", "dreg"),

@@ -126,8 +126,8 @@ def _load_trained(folder: Path) -> torch.nn.Module:
 def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
     """Run the metrics, write eval.json and report.md; returns the eval.json content plus
     "report" (the report's path). With several processes every one must call this: they share
-    the `SHARDED` metrics, the main process runs the rest and writes the files, and all return
-    its payload."""
+    the sharded metrics (`Metric.sharded`), the main process runs the rest and writes the files,
+    and all return its payload."""
     results, timings, start = {}, {}, time.perf_counter()
     with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
         torch.manual_seed(ctx.seed)  # anything that still draws from the global generator
@@ -159,7 +159,7 @@ def execute(ctx: EvalContext, names: Sequence[str]) -> dict:
 
 def evaluate_model(model, cfg: Config, names: Sequence[str], *, run_dir, device,
                    ranks: Ranks = SINGLE) -> tuple[dict, list[str]]:
-    """The trainer's periodic evaluation: the sharded metrics `names` (``SHARDED``) of an
+    """The trainer's periodic evaluation: the sharded metrics `names` (`Metric.sharded`) of an
     in-memory model, options from ``cfg.eval``, seeded by ``train.seed``; every rank must call
     it and gets the same numbers. The global random state is left as it was (resume stays
     exact). Returns ({name: result}, [reasons the inapplicable ones were skipped])."""
