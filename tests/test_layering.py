@@ -32,6 +32,7 @@ LAYERS = (
     ("mmvae.config",               # leaves: import nothing of mmvae, so anything may use them
      "mmvae.log",                  # console, progress bars, metrics.jsonl
      "mmvae.paths",                # "can this folder be written?" checks
+     "mmvae.ranks",                # (rank, world), which rank computes which batch, collectives
      "mmvae.perf"),                # timing, FLOP and memory measurement for the benchmarks
 )
 HEIGHT = {unit: len(LAYERS) - i for i, layer in enumerate(LAYERS) for unit in layer}

@@ -11,7 +11,8 @@ One module per job:
 * `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
 * `plots`        latent embedding (UMAP) and per-dimension KL box plots;
 * `report`       the metrics table and `report.md`;
-* `distributed`  `Ranks`: metrics sharded over `accelerate launch` processes, gathered in order;
+* `distributed`  metrics sharded over `accelerate launch` processes (`mmvae.ranks.Ranks`): seeds
+                 per batch, batches capped, sums in batch order;
 * `context`      `EvalContext`: the run, its model and options, and the batches metrics read;
 * `metrics`      `METRICS`: one `Metric(fn, applies_to, sharded, needs_labels)` record per name;
 * `run`          `evaluate_run(run_dir, metrics)`: load and check, run the metrics, write the files.

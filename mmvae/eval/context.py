@@ -11,9 +11,9 @@ from typing import Iterable, Sequence
 import torch
 
 from mmvae.config import Config, EvalConfig, apply_override, validate
-from mmvae.eval.distributed import SINGLE, Ranks
 from mmvae.log import track
 from mmvae.models.toy import GaussianPair, GaussianVAE
+from mmvae.ranks import SINGLE, Ranks
 
 EVAL_DIR = "eval"
 # The linear-Gaussian reference models (`mmvae.models.toy`) have no shards and no labels: they are

@@ -244,7 +244,7 @@ def _attributes_apply(ctx: EvalContext) -> str | None:
     return None
 
 
-METRICS: dict[str, Metric] = {  # in this order in eval.json and the report
+METRICS: dict[str, Metric] = {  # this order is the one error messages list them in
     "likelihood": Metric(metric_likelihood, sharded=True),
     "coherence": Metric(metric_coherence, _coherence_applies, sharded=True, needs_labels=True),
     "latent": Metric(metric_latent, needs_labels=True),

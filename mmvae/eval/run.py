@@ -29,11 +29,11 @@ import torch
 
 from mmvae.config import Config, ConfigError, load_config
 from mmvae.eval.context import EVAL_DIR, EvalContext, is_reference, resolve_options
-from mmvae.eval.distributed import SINGLE, Ranks
 from mmvae.eval.metrics import METRICS, SHARDED, inapplicable
 from mmvae.eval.report import write_report
 from mmvae.log import Board
 from mmvae.paths import unwritable
+from mmvae.ranks import SINGLE, Ranks
 from mmvae.registry import load_model
 
 EVAL_JSON = "eval.json"

@@ -20,6 +20,7 @@ from accelerate.utils import broadcast_object_list
 
 from mmvae.config import Config, ConfigError
 from mmvae.parallel import GroupReducer
+from mmvae.ranks import Ranks
 from mmvae.train.precision import resolve_precision
 
 
@@ -36,6 +37,12 @@ class Layout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def ranks(self) -> Ranks:
+        """This process among all of them, for what every rank computes a share of (the
+        periodic evaluation): the round-robin rule and the object collectives of `mmvae.ranks`."""
+        return Ranks(self.rank, self.world)
 
 
 def is_main_process() -> bool:

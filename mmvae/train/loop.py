@@ -463,7 +463,6 @@ def eval_epoch(run: Run) -> dict:
     process computes its share of the test batches, the numbers are those of one process. Logged
     to metrics.jsonl (split "eval", keys <metric>/<key>) and W&B (eval/<metric>/<key>); metrics
     that do not apply are skipped with one note per run."""
-    from mmvae.eval.distributed import Ranks
     from mmvae.eval.run import evaluate_model
 
     acc, history = run.accelerator, run.session.history
@@ -472,7 +471,7 @@ def eval_epoch(run: Run) -> dict:
         with autocast(acc):
             results, skipped = evaluate_model(run.model, run.cfg, run.cfg.train.eval_metrics,
                                               run_dir=run.run_dir, device=acc.device,
-                                              ranks=Ranks(acc.process_index, acc.num_processes))
+                                              ranks=run.layout.ranks)
     finally:
         run.wrapped.train()
     if skipped and run.layout.is_main and "eval" not in history:
