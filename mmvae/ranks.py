@@ -47,6 +47,23 @@ class Ranks:
             items = {i: v for part in parts for i, v in part.items()}
         return [items[i] for i in sorted(items)]
 
+    def any_rank(self, flag: bool, device=None) -> bool:
+        """True on every rank if `flag` is True on any rank (decisions all ranks must share).
+        `device`: where the backend reduces (the GPU under NCCL)."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_sum(self, values: list[float], device=None) -> list[float]:
+        """Element-wise sums of `values` over the ranks (in float64), on every rank."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return t.tolist()
+
     def barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
