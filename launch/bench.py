@@ -36,7 +36,7 @@ from mmvae.config import ConfigError, load_config  # noqa: E402
 from mmvae.registry import build_model  # noqa: E402
 from mmvae.train.compiled import compile_nets  # noqa: E402
 from mmvae.train.dist import make_accelerator, make_layout  # noqa: E402
-from mmvae.train.loop import _model_kwargs  # noqa: E402
+from mmvae.train.loop import model_kwargs  # noqa: E402
 from mmvae.train.optim import make_optimizer  # noqa: E402
 from mmvae.train.step import ObjectiveModule, estimator_for, train_step  # noqa: E402
 
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     acc = make_accelerator(cfg)
     layout = make_layout(acc, cfg)
     torch.manual_seed(cfg.train.seed)
-    model = compile_nets(build_model(cfg.model.name, **_model_kwargs(cfg)), cfg.train.compile)
+    model = compile_nets(build_model(cfg.model.name, **model_kwargs(cfg)), cfg.train.compile)
     optimizer = make_optimizer(model, cfg.train.lr)
     wrapped, optimizer = acc.prepare(ObjectiveModule(model, estimator_for(cfg, model.multimodal)),
                                      optimizer)

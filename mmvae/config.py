@@ -240,8 +240,9 @@ class Config:
 
 
 PERIODIC_METRICS = ("likelihood", "coherence", "attributes", "cca")
-"""Metrics the trainer can compute every `train.eval_every` epochs: the sharded ones of
-`mmvae.eval.run`, which every process computes a share of."""
+"""Metrics the trainer can compute every `train.eval_every` epochs: the `sharded` records of
+`mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
+config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
 CHOICES = {
     "objective.name": ("elbo", "iwae", "dreg"),
@@ -316,7 +317,9 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     raise ConfigError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
 
 
-def _apply(cfg: Config, key: str, value: Any) -> None:
+def apply_override(cfg: Config, key: str, value: Any) -> None:
+    """Set the dotted `key` (``section.name``) of `cfg` to `value`, coerced to the key's type;
+    an unknown key or a bad value is a ConfigError. `validate` afterwards checks the whole."""
     parts = key.split(".")
     hints = typing.get_type_hints(Config)
     if len(parts) != 2 or parts[0] not in hints or parts[1] not in _field_types(hints[parts[0]]):
@@ -416,9 +419,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
         for key, value in _flatten(tree).items():
-            _apply(cfg, key, value)
+            apply_override(cfg, key, value)
     for text in overrides:
-        _apply(cfg, *parse_override(text))
+        apply_override(cfg, *parse_override(text))
     return validate(cfg)
 
 
@@ -426,7 +429,7 @@ def from_dict(tree: dict) -> Config:
     """Rebuild a Config saved with `save_config` (validated)."""
     cfg = Config()
     for key, value in _flatten(tree).items():
-        _apply(cfg, key, value)
+        apply_override(cfg, key, value)
     return validate(cfg)
 
 

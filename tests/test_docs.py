@@ -104,7 +104,7 @@ def check_command(tokens: list[str]) -> None:
         load_config(None, module.DEFAULTS + parsed.overrides)
     elif name in ("evaluate", "bench_eval"):
         load_config(None, parsed.overrides)
-        from mmvae.eval.run import METRICS
+        from mmvae.eval.metrics import METRICS
 
         for metric in (getattr(parsed, "metrics", None) or "").split(","):
             assert not metric or metric in METRICS, metric

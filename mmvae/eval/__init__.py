@@ -11,17 +11,23 @@ One module per job:
 * `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
 * `plots`        latent embedding (UMAP) and per-dimension KL box plots;
 * `report`       the metrics table and `report.md`;
-* `distributed`  `Ranks`: metrics sharded over `accelerate launch` processes, gathered in order;
-* `run`          `evaluate_run(run_dir, metrics)`: the metric registry and the glue to the data.
+* `distributed`  metrics sharded over `accelerate launch` processes (`mmvae.ranks.Ranks`): seeds
+                 per batch, batches capped, sums in batch order;
+* `context`      `EvalContext`: the run, its model and options, and the batches metrics read;
+* `metrics`      `METRICS`: one `Metric(fn, applies_to, sharded, needs_labels)` record per name;
+* `run`          `evaluate_run(run_dir, metrics)`: load and check, run the metrics, write the files.
 
-Importing `mmvae.eval` is cheap: submodules (and matplotlib, umap, sklearn) load on first use.
+Importing `mmvae.eval` is cheap: submodules (and torch, matplotlib, umap, sklearn) load on first
+use, so the numpy-only `mmvae.eval.text` imports without torch.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _EXPORTS = {
     "calculate_likelihoods": "likelihoods",
@@ -41,7 +47,9 @@ _EXPORTS = {
     "kl_plot": "plots",
     "write_report": "report",
     "evaluate_run": "run",
-    "METRICS": "run",
+    "METRICS": "metrics",
+    "Metric": "metrics",
+    "EvalContext": "context",
 }
 
 __all__ = ["eval_mode", "posterior_sample", "decode_mean", *_EXPORTS]
@@ -50,6 +58,8 @@ __all__ = ["eval_mode", "posterior_sample", "decode_mean", *_EXPORTS]
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module):
     """`model.eval()` and no_grad for the block; the previous train/eval mode is restored."""
+    import torch  # here, not at the top: `mmvae.eval.text` is imported without torch
+
     was_training = model.training
     model.eval()
     try:

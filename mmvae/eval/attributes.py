@@ -33,7 +33,8 @@ from mmvae.data.recipes.shapes import COLOUR_WORDS, COLOURS, SHAPE_WORDS, SHAPES
 from mmvae.eval import decode_mean, eval_mode, posterior_sample
 from mmvae.eval.cca import token_ids
 from mmvae.eval.classifiers import as_float_images, predict
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, sum_in_order
+from mmvae.eval.distributed import batch_generator, sum_in_order
+from mmvae.ranks import SINGLE, Ranks
 
 ATTRIBUTES = ("colour", "shape")
 STREAM = 7  # generator stream of this metric (others: mmvae.eval.distributed.batch_seed)

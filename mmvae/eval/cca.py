@@ -50,7 +50,8 @@ import torch
 
 from mmvae.data.writer import sha256_file
 from mmvae.eval import decode_mean, eval_mode, posterior_sample, text
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches, sum_in_order
+from mmvae.eval.distributed import batch_generator, capped_batches, sum_in_order
+from mmvae.ranks import SINGLE, Ranks
 
 CCA_K = 40
 RIDGE = 1e-12

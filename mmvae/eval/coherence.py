@@ -23,7 +23,8 @@ import torch
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.eval import decode_mean, eval_mode, posterior_sample
 from mmvae.eval.classifiers import as_float_images, predict
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches
+from mmvae.eval.distributed import batch_generator, capped_batches
+from mmvae.ranks import SINGLE, Ranks
 
 
 def unique_pairs(unique: dict[str, tuple[np.ndarray, np.ndarray]], modalities: Sequence[str],

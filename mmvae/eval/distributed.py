@@ -1,8 +1,8 @@
 """Evaluation on several processes: which batches a rank computes, and how results meet.
 
-The evaluation never reads rank variables: the entry point (``launch/evaluate.py``) asks its
-Accelerator for (rank, world) and passes ``Ranks(rank, world)``; the process group it set up is
-then used through ``torch.distributed``. With ``Ranks()`` (one process) every call is a no-op.
+The evaluation never reads rank variables: the entry point (``launch/evaluate.py``) or the
+trainer passes a ``Ranks(rank, world)`` (`mmvae.ranks`, the one owner of the rank rule and the
+object collectives); with ``Ranks()`` (one process) every call is a no-op.
 
 Sharded metrics (likelihoods, cross and joint coherence, CCA coherence) follow one rule, so that
 any number of processes gives the numbers of one process:
@@ -23,80 +23,12 @@ the others wait (``main_first``) or skip them.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place among the evaluation processes (defaults: one process)."""
-
-    rank: int = 0
-    world: int = 1
-
-    def __post_init__(self):
-        if not 0 <= self.rank < self.world:
-            raise ValueError(f"need 0 <= rank < world, got rank={self.rank}, world={self.world}")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def owns(self, index: int) -> bool:
-        """Whether this rank computes batch `index` (round robin)."""
-        return index % self.world == self.rank
-
-    def mine(self, items: Iterable) -> Iterator[tuple[int, Any]]:
-        """(index, item) of the items this rank computes; the others are consumed and dropped."""
-        for index, item in enumerate(items):
-            if self.owns(index):
-                yield index, item
-
-    def gather_by_index(self, items: dict[int, Any]) -> list:
-        """Every rank's {batch index: result}, merged and ordered by index (on every rank)."""
-        if self.world > 1:
-            parts: list = [None] * self.world
-            torch.distributed.all_gather_object(parts, items)
-            items = {i: v for part in parts for i, v in part.items()}
-        return [items[i] for i in sorted(items)]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj):
-        """The main process's value of a picklable object, on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    @contextlib.contextmanager
-    def main_first(self):
-        """The main process runs the block first (e.g. fits and caches an artifact); the others
-        wait, then run it (and find the cache). If it fails on the main process, it raises
-        RuntimeError on the others instead of running there."""
-        if self.world == 1:
-            yield
-        elif self.is_main:
-            try:
-                yield
-            except BaseException:
-                self.broadcast(False)
-                raise
-            self.broadcast(True)
-        else:
-            if not self.broadcast(None):
-                raise RuntimeError("the main process failed; see its error")
-            yield
-
-
-SINGLE = Ranks()
+from mmvae.ranks import SINGLE, Ranks  # noqa: F401 - the evaluation's entry point imports them here
 
 
 def batch_seed(seed: int, index: int, stream: int = 0) -> int:

@@ -29,8 +29,9 @@ from typing import Iterable, Sequence
 import torch
 
 from mmvae.eval import eval_mode
-from mmvae.eval.distributed import SINGLE, Ranks, batch_generator, capped_batches, sum_in_order
+from mmvae.eval.distributed import batch_generator, capped_batches, sum_in_order
 from mmvae.objectives import log_q_matrix
+from mmvae.ranks import SINGLE, Ranks
 
 DEFAULT_K = 1000
 

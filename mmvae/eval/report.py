@@ -20,7 +20,6 @@ PAPER_BY_MODEL = {
                                          ("coherence", "joint"): 0.421}),
     "cubISft": (CUB_DATASETS, {("cca", "joint"): 0.263}),
 }
-PAPER = {key: value for _, numbers in PAPER_BY_MODEL.values() for key, value in numbers.items()}
 PERCENT_METRICS = ("coherence", "latent", "attributes")
 DETAILS = {  # what each metric's one-line note shows
     "likelihood": ("K", "k_chunk", "num_datapoints", "seed", "llik_scaling"),

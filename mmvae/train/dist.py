@@ -1,4 +1,6 @@
-"""The one place for distributed concerns: the Accelerator, ranks, particle groups, trackers.
+"""The trainer's distributed concerns: the Accelerator, the rank layout, particle groups,
+trackers. The collectives (gather, broadcast, any, sum) are `mmvae.ranks.Ranks`, which the
+evaluation (below train) shares; the functions here apply them with the trainer's Accelerator.
 
 World = data-parallel groups x P particle shards. Ranks g*P .. g*P+P-1 form particle group g:
 they read the same batch (data-parallel rank g) and split its K particles (shard index
@@ -16,10 +18,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 
 from mmvae.config import Config, ConfigError
 from mmvae.parallel import GroupReducer
+from mmvae.ranks import Ranks
 from mmvae.train.precision import resolve_precision
 
 
@@ -36,6 +38,12 @@ class Layout:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def ranks(self) -> Ranks:
+        """This process among all of them, for what every rank computes a share of (the
+        periodic evaluation): the round-robin rule and the object collectives of `mmvae.ranks`."""
+        return Ranks(self.rank, self.world)
 
 
 def is_main_process() -> bool:
@@ -104,29 +112,24 @@ def make_layout(accelerator: Accelerator, cfg: Config) -> Layout:
     return Layout(rank, world, P, rank // P, world // P, rank % P, reducer)
 
 
+# The collectives themselves live in `mmvae.ranks` (eval, below train, uses them too); these take
+# the Accelerator the trainer holds.
+def accelerator_ranks(accelerator: Accelerator) -> Ranks:
+    return Ranks(accelerator.process_index, accelerator.num_processes)
+
+
 def broadcast(obj, accelerator: Accelerator):
     """The main process's value of a picklable object, on every rank."""
-    box = [obj]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(box, from_process=0)
-    return box[0]
+    return accelerator_ranks(accelerator).broadcast(obj)
 
 
 def any_rank(flag: bool, accelerator: Accelerator) -> bool:
     """True on every rank if `flag` is True on any rank (for stop decisions all must share)."""
-    if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return accelerator_ranks(accelerator).any_rank(flag, accelerator.device)
 
 
 def all_sum(values: list[float], accelerator: Accelerator) -> list[float]:
-    if accelerator.num_processes == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return accelerator_ranks(accelerator).all_sum(values, accelerator.device)
 
 
 def wandb_mode(requested: str, warn: bool = True) -> str:

@@ -191,7 +191,7 @@ def _note_changes(path: Path, meta: dict, cfg: Config, layout: Layout) -> None:
         console.print(f"[yellow]resuming step {meta['step']} with changes: {'; '.join(changes)}[/]")
 
 
-def _model_kwargs(cfg: Config) -> dict:
+def model_kwargs(cfg: Config) -> dict:
     """The model section, with the caption vocabulary size read from the shards when unset."""
     kwargs = dataclasses.asdict(cfg.model)
     kwargs.pop("name")
@@ -222,7 +222,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     _ensure_shards(cfg, accelerator, layout)
 
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
-    model = build_model(cfg.model.name, **_model_kwargs(cfg))
+    model = build_model(cfg.model.name, **model_kwargs(cfg))
     if cfg.train.init_from and resume_from is None:
         _init_from(model, cfg.train.init_from, run_dir, layout)
     model = compile_nets(model, cfg.train.compile)
@@ -497,7 +497,6 @@ def eval_epoch(run: Run) -> dict:
     process computes its share of the test batches, the numbers are those of one process. Logged
     to metrics.jsonl (split "eval", keys <metric>/<key>) and W&B (eval/<metric>/<key>); metrics
     that do not apply are skipped with one note per run."""
-    from mmvae.eval.distributed import Ranks
     from mmvae.eval.run import evaluate_model
 
     acc, history = run.accelerator, run.session.history
@@ -506,7 +505,7 @@ def eval_epoch(run: Run) -> dict:
         with autocast(acc):
             results, skipped = evaluate_model(run.model, run.cfg, run.cfg.train.eval_metrics,
                                               run_dir=run.run_dir, device=acc.device,
-                                              ranks=Ranks(acc.process_index, acc.num_processes))
+                                              ranks=run.layout.ranks)
     finally:
         run.wrapped.train()
     if skipped and run.layout.is_main and "eval" not in history:

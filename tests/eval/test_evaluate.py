@@ -8,8 +8,9 @@ import torch
 
 import mmvae
 from mmvae.config import load_config, save_config
+from mmvae.eval.metrics import METRICS
 from mmvae.eval.report import render_report
-from mmvae.eval.run import METRICS, evaluate_run
+from mmvae.eval.run import evaluate_run
 
 ROOT = Path(__file__).resolve().parents[2]
 

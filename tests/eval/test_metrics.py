@@ -1,0 +1,43 @@
+"""The metric registry: one `Metric` record per name says when it applies, whether it is sharded
+and whether it needs labels; the trainer's periodic list in the config names the same metrics."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import mmvae
+from mmvae.config import PERIODIC_METRICS, load_config
+from mmvae.eval.context import EvalContext, is_reference
+from mmvae.eval.metrics import METRICS, SHARDED, inapplicable
+
+
+def context(model, tmp_path, **overrides) -> EvalContext:
+    cfg = load_config(None, [f"data.shards={tmp_path}", *(f"{k}={v}" for k, v in overrides.items())])
+    return EvalContext(Path(tmp_path), cfg, model, cfg.eval, 0, torch.device("cpu"))
+
+
+def test_the_sharded_metrics_are_the_ones_the_config_lets_the_trainer_run():
+    """config sits below eval, so it keeps its own list: it must name exactly the sharded ones."""
+    assert set(SHARDED) == set(PERIODIC_METRICS)
+    assert all(callable(m.fn) and callable(m.applies_to) for m in METRICS.values())
+
+
+def test_reference_models_are_recognised_by_their_class_not_their_attributes():
+    assert is_reference(mmvae.build_model("gaussian")) and is_reference(mmvae.build_model("gaussian_pair"))
+    digits = mmvae.build_model("mnist_svhn", latent_dim=2)
+    digits.sample_data = lambda n, generator=None: None  # an attribute does not make it a reference
+    assert not is_reference(digits)
+
+
+@pytest.mark.parametrize("name", [n for n, m in METRICS.items() if m.needs_labels])
+def test_metrics_that_need_labels_do_not_apply_to_reference_models(name, tmp_path):
+    ctx = context(mmvae.build_model("gaussian_pair"), tmp_path, **{"model.name": "gaussian_pair"})
+    assert inapplicable(name, ctx) == f"{name} needs labelled data; model gaussian_pair has none"
+
+
+def test_a_metric_that_needs_labels_still_checks_its_own_conditions(tmp_path):
+    """A digits model on shards without unique images or cached classifiers: coherence is
+    refused with its own reason (labels are there), latent applies."""
+    ctx = context(mmvae.build_model("mnist_svhn", latent_dim=2), tmp_path)
+    assert "neither unique_train.npz nor cached classifiers" in inapplicable("coherence", ctx)
+    assert inapplicable("latent", ctx) is None and inapplicable("likelihood", ctx) is None
