@@ -7,20 +7,16 @@ coherence batches are split across the processes, with the numbers of one proces
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mmvae.argv import OneLineParser  # noqa: E402
 
 
 def parse_args(argv):
-    p = _Parser(prog="evaluate.py", description=__doc__.splitlines()[0])
+    p = OneLineParser(prog="evaluate.py", description=__doc__.splitlines()[0])
     p.add_argument("--run", required=True, help="run folder (holds config.yaml and model/)")
     p.add_argument("--metrics", help="comma-separated metric names (default: eval.metrics)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. eval.iwae_K=5000")

@@ -17,15 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mmvae.argv import OneLineParser  # noqa: E402
 
 
 def parse_args(argv):
     """The options, checked."""
-    p = _Parser(prog="import_paper_model.py", description=__doc__,
+    p = OneLineParser(prog="import_paper_model.py", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("path", help="paper model folder or .zip (or a run folder with --export)")
     p.add_argument("--out", required=True, help="the run folder to create (with --export: a folder)")

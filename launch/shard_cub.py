@@ -17,15 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
 
 
 def parse_args(argv):
     """The options, checked."""
-    parser = _Parser(prog="shard_cub.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="shard_cub.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cub", help="CUB folder (train/, test/, text_*.txt)")
     parser.add_argument("--download", metavar="DIR", help="download and extract cub.zip into DIR first")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -55,11 +52,8 @@ def main(argv=None) -> int:
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub
-    from mmvae.paths import unwritable
 
-    if problem := unwritable(args.out):
-        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
-              file=sys.stderr)
+    if refuse_unwritable(args.out):
         return 2
     start = time.perf_counter()
     try:

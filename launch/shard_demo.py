@@ -16,18 +16,15 @@ import argparse
 import sys
 import time
 
+from mmvae.argv import OneLineParser, refuse_unwritable
+
 OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft", "shapes_simple"),
            "--samples": ("polydigits",)}
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage + message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv):
     """The options, checked (one line and exit 2 for a bad one)."""
-    parser = _Parser(prog="shard_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog="shard_demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, help="digits | shapes | shapes_simple | shapes_ft | polydigits")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -58,7 +55,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     from mmvae.data.builtin import BUILTINS
-    from mmvae.paths import unwritable
 
     kwargs = {"seed": args.seed}
     if args.pairs_per_instance is not None:
@@ -67,9 +63,7 @@ def main(argv=None) -> int:
         kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
     if args.samples is not None:
         kwargs["train_samples"], kwargs["test_samples"] = args.samples
-    if problem := unwritable(args.out):
-        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
-              file=sys.stderr)
+    if refuse_unwritable(args.out):
         return 2
     start = time.perf_counter()
     try:

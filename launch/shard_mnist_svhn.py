@@ -15,15 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
 
 
 def parse_args(argv):
     """The options, checked."""
-    parser = _Parser(prog="shard_mnist_svhn.py", description=__doc__,
+    parser = OneLineParser(prog="shard_mnist_svhn.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mnist", help="folder with the MNIST idx files")
     parser.add_argument("--svhn", help="folder with train_32x32.mat, test_32x32.mat")
@@ -47,11 +44,8 @@ def main(argv=None) -> int:
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
-    from mmvae.paths import unwritable
 
-    if problem := unwritable(args.out):
-        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
-              file=sys.stderr)
+    if refuse_unwritable(args.out):
         return 2
     start = time.perf_counter()
     try:

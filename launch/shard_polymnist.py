@@ -14,15 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2
-        self.exit(2, f"{self.prog}: error: {message}\n")
+from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
 
 
 def parse_args(argv):
     """The options, checked (one line and exit 2 for a bad one)."""
-    parser = _Parser(prog="shard_polymnist.py", description=__doc__,
+    parser = OneLineParser(prog="shard_polymnist.py", description=__doc__,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--polymnist", required=True, help="folder with train/m*/ and test/m*/")
     parser.add_argument("--out", required=True, help="output folder for shards + manifest.json")
@@ -39,11 +36,8 @@ def main(argv=None) -> int:
 
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.polymnist import build_polymnist
-    from mmvae.paths import unwritable
 
-    if problem := unwritable(args.out):
-        print(f"error: --out {args.out} cannot be written: {problem}; choose another folder",
-              file=sys.stderr)
+    if refuse_unwritable(args.out):
         return 2
 
     start = time.perf_counter()

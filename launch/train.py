@@ -16,17 +16,13 @@ if __name__ == "__main__":
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout too
 
+from mmvae.argv import OneLineParser  # noqa: E402
 from mmvae.config import ConfigError, describe, load_config  # noqa: E402
 from mmvae.data.errors import ShardDataError  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage + message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def parse_args(argv):
-    p = _Parser(prog="train.py", description=__doc__.splitlines()[0],
+    p = OneLineParser(prog="train.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
     p.add_argument("--resume", help="'auto' (the newest usable checkpoint of run.dir, or of the "

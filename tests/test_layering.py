@@ -29,6 +29,7 @@ LAYERS = (
     ("mmvae.models",),
     ("mmvae.nets",),
     ("mmvae.dists",),
+    ("mmvae.argv",),               # the entry points' one-line parser errors and --out checks
     ("mmvae.config",               # leaves: import nothing of mmvae, so anything may use them
      "mmvae.log",                  # console, progress bars, metrics.jsonl
      "mmvae.paths",                # "can this folder be written?" checks
