@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
+from mmvae.argv import OneLineParser, build_shards  # noqa: E402
 
 
 def parse_args(argv):
@@ -53,32 +52,20 @@ def main(argv=None) -> int:
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.cub import build_cub
 
-    if refuse_unwritable(args.out):
-        return 2
-    start = time.perf_counter()
-    try:
+    def build():
         if args.download:
             from mmvae.data.sources import fetch_cub, fetch_resnet101
 
             args.cub = fetch_cub(args.download)
             if args.features and not (args.weights or args.random_weights):
                 args.weights = fetch_resnet101(Path(args.download) / "weights")
-        manifest = build_cub(args.cub, args.out, features=args.features, weights=args.weights,
-                             random_weights=args.random_weights, imagenet_norm=args.imagenet_norm, seed=args.seed,
-                             shard_size_mb=args.shard_size_mb, min_shards=args.min_shards, workers=args.workers,
-                             feature_batch_size=args.batch_size, device=args.device)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
-        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
-              f"and run again", file=sys.stderr)
-        return 1
-    counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
-                       for split, info in manifest["splits"].items())
-    print(f"{manifest['dataset']} -> {args.out} (vocabulary {manifest['params']['vocab_size']} words; {counts}) "
-          f"in {time.perf_counter() - start:.1f} s")
-    return 0
+        return build_cub(args.cub, args.out, features=args.features, weights=args.weights,
+                         random_weights=args.random_weights, imagenet_norm=args.imagenet_norm, seed=args.seed,
+                         shard_size_mb=args.shard_size_mb, min_shards=args.min_shards, workers=args.workers,
+                         feature_batch_size=args.batch_size, device=args.device)
+
+    return build_shards(args.out, build, bad_input=(InputError,), name=lambda m: (
+        f"{m['dataset']} (vocabulary {m['params']['vocab_size']} words)"))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from mmvae.argv import OneLineParser, refuse_unwritable
+from mmvae.argv import OneLineParser, build_shards
 
 OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft", "shapes_simple"),
            "--samples": ("polydigits",)}
@@ -63,19 +62,8 @@ def main(argv=None) -> int:
         kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
     if args.samples is not None:
         kwargs["train_samples"], kwargs["test_samples"] = args.samples
-    if refuse_unwritable(args.out):
-        return 2
-    start = time.perf_counter()
-    try:
-        manifest = BUILTINS[args.dataset](args.out, **kwargs)
-    except OSError as err:  # disk full, I/O error: the manifest is written last, so the folder
-        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
-              f"and run again", file=sys.stderr)  # reads as not built and a rerun starts over
-        return 1
-    counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
-                       for split, info in manifest["splits"].items())
-    print(f"{args.dataset} -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")
-    return 0
+    return build_shards(args.out, lambda: BUILTINS[args.dataset](args.out, **kwargs),
+                        lambda m: args.dataset)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
+from mmvae.argv import OneLineParser, build_shards  # noqa: E402
 
 
 def parse_args(argv):
@@ -45,28 +44,16 @@ def main(argv=None) -> int:
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
 
-    if refuse_unwritable(args.out):
-        return 2
-    start = time.perf_counter()
-    try:
+    def build():
         if args.download:
             from mmvae.data.sources import fetch_mnist_svhn
 
             args.mnist, args.svhn = fetch_mnist_svhn(args.download)
-        manifest = build_mnist_svhn(args.mnist, args.svhn, args.out, seed=args.seed,
-                                    pairs_per_instance=args.pairs_per_instance, max_per_class=args.max_per_class,
-                                    shard_size_mb=args.shard_size_mb, min_shards=args.min_shards)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, I/O error: the manifest is written last (not built)
-        print(f"error: building {args.out} failed: {err}; free space or choose another folder "
-              f"and run again", file=sys.stderr)
-        return 1
-    counts = ", ".join(f"{split}: {info['num_samples']} pairs in {len(info['shards'])} shards"
-                       for split, info in manifest["splits"].items())
-    print(f"mnist_svhn -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")
-    return 0
+        return build_mnist_svhn(args.mnist, args.svhn, args.out, seed=args.seed,
+                                pairs_per_instance=args.pairs_per_instance, max_per_class=args.max_per_class,
+                                shard_size_mb=args.shard_size_mb, min_shards=args.min_shards)
+
+    return build_shards(args.out, build, lambda m: "mnist_svhn", bad_input=(InputError,), unit="pairs")
 
 
 if __name__ == "__main__":

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mmvae.argv import OneLineParser, refuse_unwritable  # noqa: E402
+from mmvae.argv import OneLineParser, build_shards  # noqa: E402
 
 
 def parse_args(argv):
@@ -37,21 +36,10 @@ def main(argv=None) -> int:
     from mmvae.data.recipes.common import InputError
     from mmvae.data.recipes.polymnist import build_polymnist
 
-    if refuse_unwritable(args.out):
-        return 2
-
-    start = time.perf_counter()
-    try:
-        manifest = build_polymnist(args.polymnist, args.out, shard_size_mb=args.shard_size_mb,
-                                   min_shards=args.min_shards)
-    except InputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    modalities = ", ".join(manifest["params"]["modalities"])
-    counts = ", ".join(f"{split}: {info['num_samples']} samples in {len(info['shards'])} shards"
-                       for split, info in manifest["splits"].items())
-    print(f"polymnist ({modalities}) -> {args.out} ({counts}) in {time.perf_counter() - start:.1f} s")
-    return 0
+    return build_shards(
+        args.out, lambda: build_polymnist(args.polymnist, args.out, shard_size_mb=args.shard_size_mb,
+                                          min_shards=args.min_shards),
+        lambda m: f"polymnist ({', '.join(m['params']['modalities'])})", bad_input=(InputError,))
 
 
 if __name__ == "__main__":
