@@ -121,6 +121,7 @@ def main(argv=None) -> int:
             "samples_per_s": round(B / seconds, 1),
             "samples_particles_per_s": round(B * K / seconds, 1),
             "peak_mem_mb": round(peak / 2**20, 1), **perf.efficiency(flops, seconds, matmul)}))
+    acc.wait_for_everyone()  # no rank tears down the group while a peer still uses it
     acc.end_training()
     return 0
 

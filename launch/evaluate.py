@@ -39,6 +39,7 @@ def main(argv=None) -> int:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU (ENVIRONMENT.md)
     ranks = Ranks(accelerator.process_index, accelerator.num_processes)
+    finished = False
     try:
         try:  # every check happens here, before anything is computed or written
             ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
                 print(f"error: {(str(err).splitlines() or [type(err).__name__])[0]}", file=sys.stderr)
             return 2
         payload = execute(ctx, names)
+        finished = True
     except ShardDataError as err:  # bad data under data.on_error=raise: one line
         if ranks.is_main:
             print(f"error: {err}", file=sys.stderr)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
             print("interrupted: eval.json and report.md were not written", file=sys.stderr)
         return 1
     finally:
-        release(accelerator)
+        release(accelerator, finished=finished)
     if ranks.is_main:
         console = make_console(stderr=False)  # full lines when piped
         console.print(metrics_table(payload))

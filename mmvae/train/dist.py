@@ -91,12 +91,20 @@ def autocast(accelerator: Accelerator):
     return accelerator.autocast()
 
 
-def release(accelerator: Accelerator) -> None:
-    """End the trackers and forget the Accelerator's settings (the process group stays), so
-    `fit` can run again in the same process with other settings (tests, notebooks)."""
+def release(accelerator: Accelerator, *, finished: bool = False) -> None:
+    """End the trackers, close the process group and forget the Accelerator's settings, so `fit`
+    can run again in the same process with other settings (tests, notebooks).
+
+    `finished`: every rank got here by finishing its work, so they first meet at a barrier.
+    Without it a rank may tear down its gloo group while a peer is still finishing its last
+    collective, and the peer then aborts at exit ("terminate called without an active
+    exception", SIGABRT; ENVIRONMENT.md). After a failure the ranks may not all get here, so
+    there is no barrier (it could wait forever)."""
     from accelerate.state import AcceleratorState
 
-    accelerator.end_training()
+    if finished:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()  # also destroys the process group (accelerate >= 0.30)
     AcceleratorState._reset_state()
 
 

@@ -557,12 +557,14 @@ def _stop_on_signals(session: Session):
 def fit(cfg: Config, resume: str | None = None) -> tuple[Path, str]:
     """Train as configured; returns (run folder, "done" | "stopped")."""
     run = setup(cfg, resume)
+    finished = False
     try:
         with _stop_on_signals(run.session):
             status = _train(run)
+        finished = True
     finally:
         run.tracker.finish()
-        release(run.accelerator)
+        release(run.accelerator, finished=finished)
     return run.run_dir, status
 
 

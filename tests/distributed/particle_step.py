@@ -132,7 +132,7 @@ def deepspeed_steps(accelerator, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    from mmvae.train.dist import deepspeed_requested, make_accelerator
+    from mmvae.train.dist import deepspeed_requested, make_accelerator, release
 
     out = Path((argv or sys.argv[1:])[0])
     torch.set_num_threads(1)
@@ -143,6 +143,7 @@ def main(argv=None) -> int:
     if deepspeed_requested() or world == 1:
         deepspeed_steps(accelerator, out)
         if deepspeed_requested():
+            release(accelerator, finished=True)
             return 0
     demo_steps(accelerator, out, "ref" if world == 1 else "P2", 1 if world == 1 else 2)
     layouts = {"ref": 1, "DPref": 1} if world == 1 else {"P2": 2, "DP": 1}
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
             if accelerator.is_main_process:
                 torch.save({"bounds": bounds, "params": params},
                            out / f"{model_name}-{objective}-{int(looser)}-{dt}-{name}.pt")
-    accelerator.wait_for_everyone()
+    release(accelerator, finished=True)  # barrier, then close the group (no abort at exit)
     return 0
 
 
