@@ -281,9 +281,10 @@ def _unique_has(ctx: EvalContext, modality: str) -> bool:
         return modality in npz.files and f"{modality}_labels" in npz.files
 
 
-def _subsets_apply(name: str):
+def _subsets_apply(name: str, test_pairs: bool):
     """`Metric.applies_to` of the subset metrics: a multimodal model whose every modality has a
-    digit classifier (cached with the shards, or trainable on unique_train.npz)."""
+    digit classifier (cached with the shards, or trainable on unique_train.npz); `test_pairs`:
+    the metric reads the test samples that eval.coherence_pairs chooses."""
     def applies(ctx: EvalContext) -> str | None:
         modalities = ctx.model.modalities
         if len(modalities) < 2:
@@ -294,7 +295,7 @@ def _subsets_apply(name: str):
             return (f"{name}: no digit classifier for {', '.join(missing)}: {ctx.shards_dir} has "
                     f"neither cached {CACHE_DIR}/<modality>.pt nor their images and labels in "
                     f"unique_train.npz")
-        if ctx.options.coherence_pairs == "unique" and len(modalities) > 2:
+        if test_pairs and ctx.options.coherence_pairs == "unique" and len(modalities) > 2:
             return (f"{name}: eval.coherence_pairs=unique pairs two modalities; use auto or shards "
                     f"for {len(modalities)}")
         return None
@@ -327,10 +328,10 @@ METRICS: dict[str, Metric] = {  # this order is the one error messages list them
     "likelihood": Metric(metric_likelihood, sharded=True),
     "coherence": Metric(metric_coherence, _coherence_applies, sharded=True, needs_labels=True),
     "latent": Metric(metric_latent, needs_labels=True),
-    "subset_coherence": Metric(metric_subset_coherence, _subsets_apply("subset_coherence"),
+    "subset_coherence": Metric(metric_subset_coherence, _subsets_apply("subset_coherence", True),
                                sharded=True, needs_labels=True),
-    "subset_latent": Metric(metric_subset_latent, _subsets_apply("subset_latent"), sharded=True,
-                            needs_labels=True),
+    "subset_latent": Metric(metric_subset_latent, _subsets_apply("subset_latent", False),
+                            sharded=True, needs_labels=True),
     "pictures": Metric(metric_pictures),
     "cca": Metric(metric_cca, _cca_applies, sharded=True),
     "attributes": Metric(metric_attributes, _attributes_apply, sharded=True),

@@ -1,6 +1,8 @@
 """Metrics for M > 2 modalities: subsets, z given a subset, conditional coherence per subset,
 latent accuracy per subset (template stand-ins with a known answer, the real mnist_svhn for the
 M = 2 equality with cross coherence, two gloo processes for the sharding)."""
+import json
+
 import torch
 
 import mmvae
@@ -148,3 +150,80 @@ def test_latent_accuracy_per_subset(make_poly_template_model):
     assert all(v < 0.3 for v in out["values"].values())
     capped = subset_latent_accuracy(model, train, test, max_datapoints=70)
     assert capped["num_train"] == capped["num_test"] == 70
+
+
+# --- end to end on tiny polydigits shards ---------------------------------------------------------
+
+def _poly_model(cfg):
+    """An untrained MMVAE over five small MLP VAEs of 3x28x28 images (registered for the test:
+    the polydigits model itself belongs to the models package)."""
+    from torch import nn
+
+    from mmvae.models.mmvae import MMVAE
+    from mmvae.models.vae import VAE
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 2 * cfg.latent_dim))
+
+        def forward(self, x):
+            return self.body(x).chunk(2, -1)
+
+    def decoder():
+        return nn.Sequential(nn.Linear(cfg.latent_dim, 3 * 28 * 28), nn.Sigmoid(),
+                             nn.Unflatten(1, (3, 28, 28)))
+
+    vaes = [VAE(modality=f"m{i}", encoder=Encoder(), decoder=decoder(), data_shape=(3, 28, 28),
+                latent_dim=cfg.latent_dim) for i in range(5)]
+    return MMVAE(vaes, latent_dim=cfg.latent_dim, llik_scaling=[1.0] * 5)
+
+
+def test_polydigits_run_gets_every_subset_in_eval_json_and_a_compact_report(tmp_path, monkeypatch):
+    """Tiny polydigits shards: the digit classifiers of m0..m4 are trained and cached with their
+    test accuracy, 75 directions S -> m and 31 latent subsets are in eval.json, report.md has one
+    row per number of given modalities (the directions stay out of the main table)."""
+    from mmvae import registry
+    from mmvae.config import load_config, save_config
+    from mmvae.data.recipes.polydigits import build_polydigits
+    from mmvae.eval.context import EvalContext
+    from mmvae.eval.metrics import inapplicable
+    from mmvae.eval.run import evaluate_run
+
+    shards, run = tmp_path / "poly", tmp_path / "run"
+    build_polydigits(shards, sources_per_class=30, train_samples=200, test_samples=60,
+                     train_shards=2, test_shards=1, progress=False)
+    monkeypatch.setitem(registry.MODELS, "poly_test", _poly_model)
+    torch.manual_seed(0)
+    overrides = ["model.name=poly_test", "model.latent_dim=6", f"data.shards={shards}",
+                 "logging.progress=false"]
+    run.mkdir()
+    save_config(load_config(None, overrides), run / "config.yaml")
+    model = mmvae.build_model("poly_test", latent_dim=6)
+    mmvae.save_model(model, run / "model")
+    ctx = EvalContext(run, load_config(None, overrides), model, load_config(None).eval, 0,
+                      torch.device("cpu"))
+    assert "needs digit modalities" in inapplicable("coherence", ctx)  # the two-modality metric
+    assert inapplicable("subset_coherence", ctx) is None  # classifiers trainable: unique files
+    out = evaluate_run(run, ["subset_coherence", "subset_latent"], classifier_epochs=1,
+                       coherence_samples=50, batch_size=16)
+    coh, lat = out["metrics"]["subset_coherence"], out["metrics"]["subset_latent"]
+    assert coh["num_pairs"] == 60 and coh["joint_samples"] == 50
+    cond = [k for k in coh["values"] if k.startswith("cond_")]
+    assert len(cond) == 75 and "cond_m0+m1+m3+m4_to_m2" in cond
+    assert [k for k in coh["values"] if k.startswith("given_")] == [f"given_{k}" for k in range(1, 5)]
+    assert all(0.0 <= v <= 1.0 for v in coh["values"].values())
+    assert all(coh["values"][f"given_{k}"] < 0.35 for k in range(1, 5))  # untrained: near chance
+    for i in range(5):  # cached like the digit classifiers, their test accuracy reported
+        cached = json.loads((shards / "classifiers" / f"m{i}.json").read_text())
+        assert (shards / "classifiers" / f"m{i}.pt").is_file() and cached["test_images"] == 60
+        assert coh["values"][f"classifier_m{i}"] == cached["test_accuracy"]
+    assert len([k for k in lat["values"] if not k.startswith("latent_given")]) == 31
+    assert lat["num_train"] == 200 and lat["num_test"] == 60
+    report = (run / "report.md").read_text()
+    assert "### Coherence by number of given modalities" in report
+    assert "### Latent accuracy by number of given modalities" in report
+    assert "| 4 | " in report and "m0+m1+m2+m3" in report
+    assert "| subset_coherence / given_2 |" in report and "| subset_coherence / cond_" not in report
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["metrics"]["subset_coherence"]["values"] == coh["values"]
