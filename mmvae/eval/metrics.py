@@ -2,7 +2,9 @@
 metric computes, when it applies, whether every process computes a share of it and whether it
 needs labelled data. The functions feed the tensor-level metrics of `mmvae.eval` from an
 `EvalContext` (the run's shards, the unique images next to digit shards, or a reference model's
-own samples) and return {"values": {key: number}, ...details} for eval.json."""
+own samples) and return {"values": {key: number}, ...details} for eval.json; a result may name
+its ``headline`` keys, the ones the main report table shows (the subset metrics: their
+per-subset values get a table of their own in report.md)."""
 from __future__ import annotations
 
 import json
