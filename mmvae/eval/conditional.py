@@ -52,6 +52,7 @@ def conditional_coherence(model, batches: Iterable[tuple[Sequence[torch.Tensor],
         for index, (labels, *xs) in capped_batches(batches, max_datapoints):
             if ranks.owns(index):
                 generator = batch_generator(seed, index, device)
+                xs = [x.to(device) for x in xs]
                 rows[index] = _correct(model, xs, labels, classifiers, pairs, generator)
             n += len(labels)
     if n == 0:

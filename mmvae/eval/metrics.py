@@ -75,8 +75,8 @@ def _classifiers(ctx: EvalContext) -> tuple[dict, dict]:
 
 
 def _test_samples(ctx: EvalContext, task: str):
-    """(labelled test batches under a progress task, number of samples, what they are): the
-    unique pairs of a two-modality digit folder (``eval.coherence_pairs``), or the shards."""
+    """(labelled test batches under a progress task, what they are): the unique pairs of a
+    two-modality digit folder (``eval.coherence_pairs``), or the shards' test samples."""
     model, opts = ctx.model, ctx.options
     mode = opts.coherence_pairs
     if mode == "auto":
