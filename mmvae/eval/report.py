@@ -131,10 +131,12 @@ def subset_table(metric: str, result: dict) -> list[str]:
     title, per = SUBSET_TABLES[metric]
     lines = [f"### {title}", "", f"| given | mean | {per} |", "|---:|---:|---|"]
     for k, size in result.get("by_size", {}).items():
-        subsets = ", ".join(f"{name} {_format(metric, acc)}" for name, acc in size["subsets"].items())
+        subsets = ", ".join(f"{name} {_format(metric, acc)}"
+                            for name, acc in size["subsets"].items())
         lines.append(f"| {k} | {_format(metric, size['mean'])} | {subsets} |")
-    if "joint" in result.get("values", {}):
-        lines.append(f"| none (prior samples, all agree) | {_format(metric, result['values']['joint'])} | |")
+    joint = result.get("values", {}).get("joint")
+    if joint is not None:
+        lines.append(f"| none (prior samples, all agree) | {_format(metric, joint)} | |")
     return lines + [""]
 
 
