@@ -152,8 +152,9 @@ class TrainConfig:
     """Also compute `train.eval_metrics` every this many epochs, on every process's share of
     the test data, logged as eval/<metric>/<key> (0 = never; options from the eval section)."""
     eval_metrics: list = field(default_factory=lambda: ["coherence", "attributes", "cca"])
-    """Metrics of `train.eval_every`, among likelihood | coherence | attributes | cca; those
-    that do not apply to the model or data are skipped with one note."""
+    """Metrics of `train.eval_every`, among likelihood | coherence | subset_coherence |
+    subset_latent | attributes | cca; those that do not apply to the model or data are skipped
+    with one note."""
 
 
 @dataclass
@@ -176,10 +177,13 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     metrics: list = field(default_factory=lambda: ["likelihood", "coherence", "latent",
+                                                   "subset_coherence", "subset_latent",
                                                    "pictures"])
     """Metrics computed by launch/evaluate.py: likelihood | coherence (digit pairs) | latent |
-    pictures | cca (CUB feature + caption models) | attributes (image + caption models on the
-    built-in shapes data); inapplicable ones are skipped with a note."""
+    subset_coherence, subset_latent (any M >= 2 modalities with digit classifiers: every
+    subset of given modalities) | pictures | cca (CUB feature + caption models) | attributes
+    (image + caption models on the built-in shapes data); inapplicable ones are skipped with a
+    note."""
     iwae_K: int = 1000
     """Particles of the IWAE log-likelihood estimates."""
     k_chunk: int = 100
@@ -239,7 +243,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
 
 
-PERIODIC_METRICS = ("likelihood", "coherence", "attributes", "cca")
+PERIODIC_METRICS = ("likelihood", "coherence", "subset_coherence", "subset_latent", "attributes",
+                    "cca")
 """Metrics the trainer can compute every `train.eval_every` epochs: the `sharded` records of
 `mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
 config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""

@@ -58,13 +58,14 @@ def test_short_training_lowers_the_loss_and_writes_the_run_folder(tiny_digits, t
 
 
 def test_periodic_evaluation_matches_evaluate_and_leaves_training_unchanged(tiny_digits, tmp_path):
-    """train.eval_every=1: coherence after every epoch equals launch/evaluate.py on the final
-    model, bit for bit, and the training itself (every train and test event) is that of a run
+    """train.eval_every=1: coherence (and the subset coherence) after every epoch equals
+    launch/evaluate.py on the final model, bit for bit, and the training itself (every train and test event) is that of a run
     without it; attributes (captions) does not apply to mnist_svhn and is skipped."""
     from mmvae.eval.run import evaluate_run
     from mmvae.train.loop import fit
 
-    options = ["train.eval_every=1", "train.eval_metrics=coherence,attributes", "eval.classifier_epochs=1",
+    options = ["train.eval_every=1", "train.eval_metrics=coherence,subset_coherence,attributes",
+               "eval.classifier_epochs=1",
                "eval.coherence_samples=40", "eval.max_datapoints=48", "eval.batch_size=16"]
     events = {}
     for name, extra in (("plain", []), ("eval", options)):
@@ -81,8 +82,12 @@ def test_periodic_evaluation_matches_evaluate_and_leaves_training_unchanged(tiny
     final = {k[len("coherence/"):]: v for k, v in evals[-1].items() if k.startswith("coherence/")}
     assert {"cross_mnist_to_svhn", "cross_svhn_to_mnist", "joint"} <= set(final)
     assert not any(k.startswith("attributes/") for k in evals[-1])
-    again = evaluate_run(tmp_path / "eval", ["coherence"], progress=False)
+    again = evaluate_run(tmp_path / "eval", ["coherence", "subset_coherence"], progress=False)
     assert again["metrics"]["coherence"]["values"] == final
+    subsets = {k[len("subset_coherence/"):]: v for k, v in evals[-1].items()
+               if k.startswith("subset_coherence/")}
+    assert again["metrics"]["subset_coherence"]["values"] == subsets  # also logged to W&B
+    assert subsets["cond_svhn_to_mnist"] == final["cross_svhn_to_mnist"]
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["eval"] == evals[-1]
     with pytest.raises(Exception, match="train.eval_metrics has pictures; choose from"):
         load_config(None, ["train.eval_metrics=pictures"])

@@ -5,7 +5,10 @@ One module per job:
 * `likelihoods`  IWAE log-likelihood estimates (joint, marginal, cross), chunked over K;
 * `classifiers`  the digit classifiers of the coherence metrics, trained on unique images, cached;
 * `coherence`    cross and joint coherence (MNIST-SVHN style digit datasets);
-* `latent`       latent classification accuracy (logistic regression on posterior samples);
+* `subsets`      subsets of modalities and z given a subset (the model's own rule, else MoE);
+* `conditional`  conditional coherence from every subset to each left-out modality (M >= 2);
+* `latent`       latent classification accuracy (logistic regression on posterior samples),
+                 also per subset of modalities;
 * `text`, `cca`  CUB CCA coherence: FastText + SIF sentence vectors, CCA space, its artifacts;
 * `attributes`   attribute coherence of image-caption models on the built-in shapes data;
 * `pictures`     reconstruction and prior-sample grids (also used by the trainer every epoch);
@@ -39,6 +42,9 @@ _EXPORTS = {
     "cross_coherence": "coherence",
     "joint_coherence": "coherence",
     "latent_accuracy": "latent",
+    "subset_latent_accuracy": "latent",
+    "conditional_coherence": "conditional",
+    "latents_from_subset": "subsets",
     "cca_coherence": "cca",
     "cca_joint": "cca",
     "CaptionCCA": "cca",

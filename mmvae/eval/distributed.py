@@ -4,15 +4,18 @@ The evaluation never reads rank variables: the entry point (``launch/evaluate.py
 trainer passes a ``Ranks(rank, world)`` (`mmvae.ranks`, the one owner of the rank rule and the
 object collectives); with ``Ranks()`` (one process) every call is a no-op.
 
-Sharded metrics (likelihoods, cross and joint coherence, CCA coherence) follow one rule, so that
-any number of processes gives the numbers of one process:
+Sharded metrics (likelihoods, cross, conditional and joint coherence, latent accuracy per
+subset, CCA coherence) follow one rule, so that any number of processes gives the numbers of one
+process:
 
 * every rank walks the same sequence of batches (the same test stream, or the same chunks of
   prior samples) and computes only batch i with ``i % world == rank`` (``owns``);
 * batch i draws its noise from a generator seeded by (seed, i) (``batch_generator``), never from
   a stream shared across batches, so its numbers do not depend on who computes it;
 * per-batch results are gathered and reduced in batch order (``gather_by_index``), so even the
-  floating-point sums are those of one process.
+  floating-point sums are those of one process;
+* work that is not a batch is split the same way: the linear probes of the latent accuracy per
+  subset (subset j on rank j % world), gathered in subset order.
 
 Reading is not split: each rank reads the test stream it walks (the batches it skips are
 decoded but not computed). For the likelihoods (K = 1000 decodes per datapoint) reading is

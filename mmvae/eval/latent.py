@@ -6,16 +6,22 @@ on one sample per test image. The paper fits Linear(D, 10) with Adam for 30 epoc
 duplicated pairs (a fresh sample each epoch); here it is scikit-learn's multinomial
 LogisticRegression on standardised z of the unique images, which fits the same linear model to
 convergence.
+
+`subset_latent_accuracy` does the same for the latent *mean* given every non-empty subset of
+modalities (the MoPoE paper's latent representation per subset), sharded over processes.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from mmvae.eval import eval_mode
 from mmvae.eval.classifiers import as_float_images
+from mmvae.eval.distributed import batch_generator, capped_batches
+from mmvae.eval.subsets import latent_mean_from_subset, nonempty_subsets, subset_name
+from mmvae.ranks import SINGLE, Ranks
 
 
 @torch.no_grad()
@@ -64,3 +70,55 @@ def latent_accuracy(model, train: dict[str, tuple], test: dict[str, tuple], *, s
         values[f"latent_{m}"] = linear_probe(z_tr, y_tr, z_te, y_te, seed=seed)
         n_train[m], n_test[m] = len(y_tr), len(y_te)
     return {"values": values, "num_train": n_train, "num_test": n_test, "seed": seed}
+
+
+def subset_latent_accuracy(model, train_batches: Iterable, test_batches: Iterable, *,
+                           seed: int = 0, max_datapoints: int | None = None,
+                           ranks: Ranks = SINGLE) -> dict:
+    """Linear-probe accuracy of the latent mean given each non-empty subset S of modalities
+    (``mmvae.eval.subsets.latent_mean_from_subset``; for a mixture of experts the average of
+    the subset's expert means), fitted on the train batches and scored on the test batches.
+
+    batches: (xs, labels) of all modalities, at most `max_datapoints` of each split. Sharded:
+    the means of batch i are computed by rank i % world (a model that only samples draws them
+    from a generator seeded with (seed, split, i)), the probe of subset j by rank j % world.
+    Returns ``{"values": {"latent_<S>": acc, "latent_given_<k>": mean over |S| = k},
+    "by_size": {k: {"mean", "subsets": {S: acc}}}, "num_train", "num_test", "seed"}``.
+    """
+    names = model.modalities
+    subsets = nonempty_subsets(len(names))
+    (z_tr, y_tr), (z_te, y_te) = (
+        _subset_means(model, batches, subsets, seed, stream, max_datapoints, ranks)
+        for stream, batches in ((1, train_batches), (2, test_batches)))
+    mine = {j: linear_probe(z_tr[j], y_tr, z_te[j], y_te, seed=seed)
+            for j, _ in ranks.mine(subsets)}
+    accs = ranks.gather_by_index(mine)
+    values = {f"latent_{subset_name(names, s)}": acc for s, acc in zip(subsets, accs)}
+    by_size = {}
+    for k in range(1, len(names) + 1):
+        sized = {subset_name(names, s): acc for s, acc in zip(subsets, accs) if len(s) == k}
+        by_size[str(k)] = {"mean": sum(sized.values()) / len(sized), "subsets": sized}
+        values[f"latent_given_{k}"] = by_size[str(k)]["mean"]
+    return {"values": values, "by_size": by_size, "num_train": len(y_tr), "num_test": len(y_te),
+            "seed": seed}
+
+
+def _subset_means(model, batches, subsets, seed, stream, max_datapoints, ranks):
+    """([(N, D) float64 means per subset], labels (N,)) over the batches, in batch order."""
+    device = model.prior_params()[0].device
+    rows: dict[int, tuple] = {}
+    with eval_mode(model):
+        batches = ([labels, *xs] for xs, labels in batches)
+        for index, (labels, *xs) in capped_batches(batches, max_datapoints):
+            if ranks.owns(index):
+                generator = batch_generator(seed, index, device, stream)
+                xs = [as_float_images(x).to(device) for x in xs]
+                cache: dict = {}
+                means = [latent_mean_from_subset(model, xs, s, generator, cache=cache)
+                         .double().cpu().numpy() for s in subsets]
+                rows[index] = (means, torch.as_tensor(labels).long().numpy())
+    gathered = ranks.gather_by_index(rows)
+    if not gathered:
+        raise ValueError("subset_latent_accuracy got no datapoints")
+    means = [np.concatenate([row[0][j] for row in gathered]) for j in range(len(subsets))]
+    return means, np.concatenate([row[1] for row in gathered])

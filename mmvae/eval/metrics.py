@@ -2,7 +2,9 @@
 metric computes, when it applies, whether every process computes a share of it and whether it
 needs labelled data. The functions feed the tensor-level metrics of `mmvae.eval` from an
 `EvalContext` (the run's shards, the unique images next to digit shards, or a reference model's
-own samples) and return {"values": {key: number}, ...details} for eval.json."""
+own samples) and return {"values": {key: number}, ...details} for eval.json; a result may name
+its ``headline`` keys, the ones the main report table shows (the subset metrics: their
+per-subset values get a table of their own in report.md)."""
 from __future__ import annotations
 
 import json
@@ -16,8 +18,9 @@ import torch
 from mmvae.eval import attributes, cca
 from mmvae.eval.classifiers import CACHE_DIR, load_or_train_classifiers, load_unique
 from mmvae.eval.coherence import array_batches, cross_coherence, joint_coherence, unique_pairs
+from mmvae.eval.conditional import conditional_coherence
 from mmvae.eval.context import EvalContext
-from mmvae.eval.latent import latent_accuracy
+from mmvae.eval.latent import latent_accuracy, subset_latent_accuracy
 from mmvae.eval.likelihoods import calculate_likelihoods
 from mmvae.eval.pictures import picture_resources, save_prior_samples, save_reconstructions
 from mmvae.eval.plots import embedding_plot, kl_plot
@@ -62,12 +65,19 @@ def metric_likelihood(ctx: EvalContext) -> dict:
         max_datapoints=limit or None, ranks=ctx.ranks)
 
 
-def metric_coherence(ctx: EvalContext) -> dict:
+def _classifiers(ctx: EvalContext) -> tuple[dict, dict]:
+    """The digit classifiers of every modality: ({modality: net}, {modality: info})."""
     model, opts = ctx.model, ctx.options
     with ctx.ranks.main_first():  # the main process trains and caches, the others load
-        classifiers, infos = load_or_train_classifiers(
+        return load_or_train_classifiers(
             ctx.shards_dir, model.modalities, epochs=opts.classifier_epochs, seed=ctx.seed,
             image_shapes={e.modality: e.data_shape for e in model.experts}, device=ctx.device)
+
+
+def _test_samples(ctx: EvalContext, task: str):
+    """(labelled test batches under a progress task, what they are): the unique pairs of a
+    two-modality digit folder (``eval.coherence_pairs``), or the shards' test samples."""
+    model, opts = ctx.model, ctx.options
     mode = opts.coherence_pairs
     if mode == "auto":
         mode = "unique" if ctx.has_unique("test") and len(model.modalities) == 2 else "shards"
@@ -79,11 +89,18 @@ def metric_coherence(ctx: EvalContext) -> dict:
     else:
         batches = ctx.labelled_batches("test")
         total = ctx.num_samples("test")
-        pairs = "duplicated: the shards' test pairs (each unique image in several pairs)"
+        pairs = ("duplicated: the shards' test pairs (each unique image in several pairs)"
+                 if len(model.modalities) == 2 else "the shards' test samples")
     n_batches = -(-min(total, opts.max_datapoints or total) // opts.batch_size) if total else None
-    cross = cross_coherence(model, ctx.track(batches, "cross coherence", n_batches), classifiers,
-                            seed=ctx.seed, max_datapoints=opts.max_datapoints or None,
-                            ranks=ctx.ranks)
+    return ctx.track(batches, task, n_batches), pairs
+
+
+def metric_coherence(ctx: EvalContext) -> dict:
+    model, opts = ctx.model, ctx.options
+    classifiers, infos = _classifiers(ctx)
+    batches, pairs = _test_samples(ctx, "cross coherence")
+    cross = cross_coherence(model, batches, classifiers, seed=ctx.seed,
+                            max_datapoints=opts.max_datapoints or None, ranks=ctx.ranks)
     values = dict(cross["values"])
     result = {"test_pairs": pairs, "num_pairs": cross["num_pairs"], "seed": ctx.seed,
               "classifiers": infos}
@@ -95,6 +112,42 @@ def metric_coherence(ctx: EvalContext) -> dict:
     for m, info in infos.items():
         values[f"classifier_{m}"] = info["test_accuracy"]
     return {"values": values, **result}
+
+
+def metric_subset_coherence(ctx: EvalContext) -> dict:
+    """Conditional coherence from every non-empty proper subset of modalities to each left-out
+    one (``mmvae.eval.conditional``), its means by the number of given modalities, and the
+    joint coherence over all M modalities; the headline keys are what the report's main table
+    shows (the per-direction ones go to the subset table, eval.json and W&B)."""
+    model, opts = ctx.model, ctx.options
+    classifiers, infos = _classifiers(ctx)
+    batches, pairs = _test_samples(ctx, "conditional coherence")
+    cond = conditional_coherence(model, batches, classifiers, seed=ctx.seed,
+                                 max_datapoints=opts.max_datapoints or None, ranks=ctx.ranks)
+    joint = joint_coherence(model, classifiers, num_samples=opts.coherence_samples,
+                            seed=ctx.seed, ranks=ctx.ranks)
+    values = {**cond["values"], **joint["values"]}
+    values.update({f"classifier_{m}": info["test_accuracy"] for m, info in infos.items()})
+    headline = [*(f"given_{k}" for k in cond["by_size"]), "joint",
+                *(f"classifier_{m}" for m in infos)]
+    return {"values": values, "headline": headline, "by_size": cond["by_size"],
+            "test_pairs": pairs, "num_pairs": cond["num_pairs"],
+            "joint_samples": joint["num_samples"], "joint_class_counts": joint["class_counts"],
+            "seed": ctx.seed, "classifiers": infos}
+
+
+def metric_subset_latent(ctx: EvalContext) -> dict:
+    """Linear-probe accuracy of the latent mean given every non-empty subset of modalities
+    (``mmvae.eval.latent.subset_latent_accuracy``), on at most eval.latent_max_train shard
+    samples per split."""
+    limit = ctx.options.latent_max_train
+    batches = {split: ctx.track(ctx.labelled_batches(split), f"latent means ({split})",
+                                ctx.num_batches(split, limit)) for split in ("train", "test")}
+    result = subset_latent_accuracy(ctx.model, batches["train"], batches["test"], seed=ctx.seed,
+                                    max_datapoints=limit, ranks=ctx.ranks)
+    names = ctx.model.modalities
+    headline = [f"latent_given_{k}" for k in range(1, len(names) + 1)]
+    return {**result, "headline": headline, "data": f"shard samples (at most {limit} per split)"}
 
 
 def _collect(ctx: EvalContext, split: str, limit: int) -> dict[str, tuple]:
@@ -222,6 +275,35 @@ def _coherence_applies(ctx: EvalContext) -> str | None:
     return None
 
 
+def _unique_has(ctx: EvalContext, modality: str) -> bool:
+    path = ctx.shards_dir / "unique_train.npz"
+    if not path.is_file():
+        return False
+    with np.load(path, allow_pickle=False) as npz:  # reads the zip directory only
+        return modality in npz.files and f"{modality}_labels" in npz.files
+
+
+def _subsets_apply(name: str, test_pairs: bool):
+    """`Metric.applies_to` of the subset metrics: a multimodal model whose every modality has a
+    digit classifier (cached with the shards, or trainable on unique_train.npz); `test_pairs`:
+    the metric reads the test samples that eval.coherence_pairs chooses."""
+    def applies(ctx: EvalContext) -> str | None:
+        modalities = ctx.model.modalities
+        if len(modalities) < 2:
+            return f"{name} needs a multimodal model; the model has only {modalities[0]}"
+        missing = [m for m in modalities if not (ctx.shards_dir / CACHE_DIR / f"{m}.pt").is_file()
+                   and not _unique_has(ctx, m)]
+        if missing:
+            return (f"{name}: no digit classifier for {', '.join(missing)}: {ctx.shards_dir} has "
+                    f"neither cached {CACHE_DIR}/<modality>.pt nor their images and labels in "
+                    f"unique_train.npz")
+        if test_pairs and ctx.options.coherence_pairs == "unique" and len(modalities) > 2:
+            return (f"{name}: eval.coherence_pairs=unique pairs two modalities; use auto or shards "
+                    f"for {len(modalities)}")
+        return None
+    return applies
+
+
 def _cca_applies(ctx: EvalContext) -> str | None:
     missing = [m for m in cca.MODALITIES if m not in ctx.model.modalities]
     if ctx.is_toy or missing:
@@ -248,6 +330,10 @@ METRICS: dict[str, Metric] = {  # this order is the one error messages list them
     "likelihood": Metric(metric_likelihood, sharded=True),
     "coherence": Metric(metric_coherence, _coherence_applies, sharded=True, needs_labels=True),
     "latent": Metric(metric_latent, needs_labels=True),
+    "subset_coherence": Metric(metric_subset_coherence, _subsets_apply("subset_coherence", True),
+                               sharded=True, needs_labels=True),
+    "subset_latent": Metric(metric_subset_latent, _subsets_apply("subset_latent", False),
+                            sharded=True, needs_labels=True),
     "pictures": Metric(metric_pictures),
     "cca": Metric(metric_cca, _cca_applies, sharded=True),
     "attributes": Metric(metric_attributes, _attributes_apply, sharded=True),

@@ -20,11 +20,13 @@ PAPER_BY_MODEL = {
                                          ("coherence", "joint"): 0.421}),
     "cubISft": (CUB_DATASETS, {("cca", "joint"): 0.263}),
 }
-PERCENT_METRICS = ("coherence", "latent", "attributes")
+PERCENT_METRICS = ("coherence", "latent", "subset_coherence", "subset_latent", "attributes")
 DETAILS = {  # what each metric's one-line note shows
     "likelihood": ("K", "k_chunk", "num_datapoints", "seed", "llik_scaling"),
     "coherence": ("test_pairs", "num_pairs", "joint_samples", "seed"),
     "latent": ("data", "num_train", "num_test", "seed"),
+    "subset_coherence": ("test_pairs", "num_pairs", "joint_samples", "seed"),
+    "subset_latent": ("data", "num_train", "num_test", "seed"),
     "pictures": ("embedding_method", "embedding_points", "mean_kl"),
     "cca": ("test_pairs", "num_pairs", "joint_samples", "seed", "artifacts"),
     "attributes": ("test_pairs", "num_scenes", "joint_samples", "seed"),
@@ -55,11 +57,14 @@ def metrics_rows(payload: dict) -> list[tuple[str, str, str]]:
 
 
 def _rows(payload: dict) -> list[tuple[str, str, str, str]]:
+    """Every value of every metric, or only its ``headline`` keys where it names them (the
+    subset metrics: their per-subset values go to `subset_table`)."""
     paper = paper_numbers(payload)
     rows = []
     for metric, result in payload["metrics"].items():
-        for key, value in (result or {}).get("values", {}).items():
-            number = paper.get((metric, key))
+        values = (result or {}).get("values", {})
+        for key in (result or {}).get("headline", values):
+            value, number = values[key], paper.get((metric, key))
             rows.append((metric, key, _format(metric, value),
                          "" if number is None else _format(metric, number)))
     return rows
@@ -113,6 +118,28 @@ def _details(metric: str, result: dict) -> str:
     return f"- **{metric}**: " + ", ".join(items) if items else ""
 
 
+SUBSET_TABLES = {  # metric -> (section title, what "per subset" shows)
+    "subset_coherence": ("Coherence by number of given modalities",
+                         "per subset S (mean over the modalities left out of S)"),
+    "subset_latent": ("Latent accuracy by number of given modalities", "per subset S"),
+}
+
+
+def subset_table(metric: str, result: dict) -> list[str]:
+    """The markdown lines of a subset metric's compact table: one row per number of given
+    modalities, its mean and each subset's score (joint coherence as the last row)."""
+    title, per = SUBSET_TABLES[metric]
+    lines = [f"### {title}", "", f"| given | mean | {per} |", "|---:|---:|---|"]
+    for k, size in result.get("by_size", {}).items():
+        subsets = ", ".join(f"{name} {_format(metric, acc)}"
+                            for name, acc in size["subsets"].items())
+        lines.append(f"| {k} | {_format(metric, size['mean'])} | {subsets} |")
+    joint = result.get("values", {}).get("joint")
+    if joint is not None:
+        lines.append(f"| none (prior samples, all agree) | {_format(metric, joint)} | |")
+    return lines + [""]
+
+
 def render_report(payload: dict) -> str:
     """The markdown text of report.md."""
     lines = [f"# Evaluation: {Path(payload['run_dir']).name}", "",
@@ -136,6 +163,15 @@ def render_report(payload: dict) -> str:
                      "(k=40) fitted on the train pairs; `cross_feature_to_caption` decodes the "
                      "caption from the feature encoder. Absolute values depend on the FastText "
                      "and CCA draw (artifacts saved with the shards).")
+    subset_metrics = [m for m in SUBSET_TABLES if m in payload["metrics"]]
+    if subset_metrics:
+        lines += ["", "## Subsets of modalities", "",
+                  "Conditional coherence S → m: a z drawn given the modalities S, decoded into "
+                  "each modality m outside S and classified; latent accuracy: a linear probe on "
+                  "the latent mean given S. Every value is in eval.json (`cond_<S>_to_<m>`, "
+                  "`latent_<S>`).", ""]
+        for metric in subset_metrics:
+            lines += subset_table(metric, payload["metrics"][metric])
     lines += ["", "## Details", ""]
     lines += [d for d in (_details(m, r) for m, r in payload["metrics"].items()) if d]
     files = [f for f in payload["metrics"].get("pictures", {}).get("files", []) if f.endswith(".png")]

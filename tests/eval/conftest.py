@@ -45,22 +45,26 @@ class _Out:
 
 
 class TemplateExpert(nn.Module):
-    """Encoder: z ~ N(8 * onehot(class of x), 0.1^2); decoder: the template of class
-    (argmax z + shift) mod 10. shift = 0 is a perfect cross-modal generator."""
+    """Encoder: z ~ N(8 * onehot((class of x + enc_shift) mod 10), 0.1^2) (blind: N(0, I),
+    whatever x); decoder: the template of class (argmax z + shift) mod 10. Shifts 0 make a
+    perfect cross-modal generator."""
 
     latent_dim = NUM_CLASSES
 
-    def __init__(self, modality, shape, seed, shift=0):
+    def __init__(self, modality, shape, seed, shift=0, enc_shift=0, blind=False):
         super().__init__()
         self.modality, self.data_shape, self.shift = modality, tuple(shape), shift
+        self.enc_shift, self.blind = enc_shift, blind
         self.register_buffer("tmpl", templates(shape, seed))
         self.classifier = TemplateClassifier(self.tmpl)
         self.posterior_family = get_family("normal")
         self.likelihood = _Out()
 
     def posterior(self, x):
-        cls = self.classifier(x).argmax(-1)
+        cls = (self.classifier(x).argmax(-1) + self.enc_shift) % NUM_CLASSES
         loc = 8.0 * F.one_hot(cls, NUM_CLASSES).float()
+        if self.blind:  # ignores its input
+            return torch.zeros_like(loc), torch.ones_like(loc)
         return loc, torch.full_like(loc, 0.1)
 
     def decode(self, z):
@@ -83,6 +87,23 @@ class TemplateModel(StandInModel):
         labels = torch.arange(n) % NUM_CLASSES
         labels = labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
         return [e.tmpl[labels] for e in self.vaes], labels
+
+
+class PolyTemplateModel(TemplateModel):
+    """M modalities m0..m{M-1} of (3, 28, 28) class templates (polydigits-shaped), each expert
+    a `TemplateExpert` with its own decoder shift, encoder shift and blindness."""
+
+    def __init__(self, num=3, shifts=None, enc_shifts=None, blind=()):
+        shifts, enc_shifts = shifts or [0] * num, enc_shifts or [0] * num
+        StandInModel.__init__(self, [
+            TemplateExpert(f"m{i}", (3, 28, 28), 10 + i, shifts[i], enc_shifts[i], i in blind)
+            for i in range(num)], NUM_CLASSES)
+
+
+@pytest.fixture
+def make_poly_template_model():
+    """PolyTemplateModel(num, shifts, enc_shifts, blind)."""
+    return PolyTemplateModel
 
 
 @pytest.fixture

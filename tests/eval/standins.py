@@ -33,3 +33,17 @@ class StandInModel(LatentModel):
     @property
     def llik_scaling(self):
         return [1.0] * len(self.vaes)
+
+
+def digit_mmvae(num: int = 3, latent_dim: int = 4, seed: int = 0):
+    """An untrained mixture-of-experts MMVAE over `num` small MNIST VAEs named m0..m{num-1}
+    (1x28x28 images): the real model, estimator and noise, with M modalities."""
+    from mmvae.config import ModelConfig
+    from mmvae.models.digits import build_mnist
+    from mmvae.models.mmvae import MMVAE
+
+    torch.manual_seed(seed)
+    vaes = [build_mnist(ModelConfig(name="mnist", latent_dim=latent_dim)) for _ in range(num)]
+    for i, vae in enumerate(vaes):
+        vae.modality = f"m{i}"
+    return MMVAE(vaes, latent_dim=latent_dim, llik_scaling=[1.0] * num).eval()

@@ -77,8 +77,8 @@ DIGITS = ["eval.iwae_K=8", "eval.k_chunk=4", "eval.likelihood_batch=16", "eval.m
 def test_digits_two_processes_equal_one(tmp_path):
     """Likelihood from the shard stream (100 of 160 test pairs, 7 batches: the ranks get 4 and
     3), cross coherence on the 80 unique pairs (3 batches), joint coherence (3 chunks of prior
-    samples); the classifiers are trained by the main process while the other waits, then
-    loaded by both."""
+    samples), the subset metrics (M = 2: conditional coherence equals cross coherence); the
+    classifiers are trained by the main process while the other waits, then loaded by both."""
     from mmvae.data import build_digits
 
     shards = tmp_path / "digits"
@@ -87,16 +87,75 @@ def test_digits_two_processes_equal_one(tmp_path):
     torch.manual_seed(0)
     run = make_run(tmp_path / "run", mmvae.build_model("mnist_svhn", latent_dim=4),
                    ["model.name=mnist_svhn", "model.latent_dim=4", f"data.shards={shards}"])
-    metrics = ["likelihood", "coherence", "latent", "pictures"]
+    metrics = ["likelihood", "coherence", "latent", "subset_coherence", "subset_latent", "pictures"]
     two, _ = evaluate_two_processes(run, metrics, DIGITS)
     assert (shards / "classifiers" / "mnist.pt").is_file()
-    one = one_process(run, ["likelihood", "coherence"], DIGITS)
-    for name in ("likelihood", "coherence"):
+    sharded = ["likelihood", "coherence", "subset_coherence", "subset_latent"]
+    one = one_process(run, sharded, DIGITS)
+    for name in sharded:
         assert two["metrics"][name] == one["metrics"][name], name
+    cross, cond = (two["metrics"][m]["values"] for m in ("coherence", "subset_coherence"))
+    assert cond["cond_svhn_to_mnist"] == cross["cross_svhn_to_mnist"]  # M = 2: the same draws
+    assert cond["cond_mnist_to_svhn"] == cross["cross_mnist_to_svhn"]
     assert two["metrics"]["likelihood"]["num_datapoints"] == 100
     assert two["metrics"]["coherence"]["num_pairs"] == 80
     assert two["metrics"]["coherence"]["joint_samples"] == 2500
     assert set(two["metrics"]) == set(metrics)
+
+
+def _probe(seed: int) -> torch.nn.Module:
+    """A random linear classifier of 28x28 images whose weights sum to zero per class: blind to
+    the untrained decoders' common grey, its prediction follows every change of z."""
+    w = torch.randn(10, 784, generator=torch.Generator().manual_seed(seed))
+    linear = torch.nn.Linear(784, 10, bias=False)
+    linear.weight.data = w - w.mean(1, keepdim=True)
+    return torch.nn.Sequential(torch.nn.Flatten(), linear).eval()
+
+
+def _subset_metrics(ranks: Ranks, seed: int = 3) -> dict:
+    """Conditional and joint coherence and latent accuracy per subset of an untrained
+    three-modality MMVAE with random classifiers (scores that depend on every draw), on 5
+    batches of 40 (ranks get 3 and 2) and 7 prior chunks."""
+    from mmvae.eval.coherence import array_batches, joint_coherence
+    from mmvae.eval.conditional import conditional_coherence
+    from mmvae.eval.latent import subset_latent_accuracy
+    from standins import digit_mmvae
+
+    torch.set_num_threads(1)
+    model = digit_mmvae(3)
+    classifiers = {m: _probe(i) for i, m in enumerate(model.modalities)}
+    g = torch.Generator().manual_seed(2)
+    xs, labels = [torch.rand(200, 1, 28, 28, generator=g) for _ in range(3)], torch.arange(200) % 10
+
+    def batches():
+        return array_batches(xs, labels, 40)
+
+    return {"cond": conditional_coherence(model, batches(), classifiers, seed=seed, ranks=ranks),
+            "joint": joint_coherence(model, classifiers, num_samples=650, batch_size=100,
+                                     seed=seed, ranks=ranks),
+            "latent": subset_latent_accuracy(model, batches(), batches(), seed=seed, ranks=ranks)}
+
+
+def _subset_worker(rank: int, folder: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{folder}/rendezvous",
+                                         rank=rank, world_size=2)
+    try:
+        torch.save(_subset_metrics(Ranks(rank, 2)), f"{folder}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_subset_metrics_of_three_modalities_two_processes_equal_one(tmp_path):
+    """Two gloo processes, each computing its round-robin share of the batches (and of the
+    subsets' linear probes), gather the numbers of one process, on both ranks."""
+    torch.multiprocessing.spawn(_subset_worker, args=(str(tmp_path),), nprocs=2)
+    one = _subset_metrics(Ranks())
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"rank{rank}.pt") == one, rank
+    assert len(one["cond"]["values"]) == 9 + 2 and one["cond"]["num_pairs"] == 200
+    assert len(one["latent"]["values"]) == 7 + 3
+    other = _subset_metrics(Ranks(), seed=4)  # the draws matter: parity is not a coincidence
+    assert other["cond"] != one["cond"] and other["joint"] != one["joint"]
 
 
 def test_ranks_split_batches_round_robin():

@@ -170,3 +170,16 @@ def test_shapes_run_attributes_end_to_end(make_shapes_run, toy_run):
     assert "| attributes / cross_image_to_caption_colour |" in (run / "report.md").read_text()
     with pytest.raises(ValueError, match="attributes needs image and caption"):
         evaluate_run(toy_run, ["attributes"])
+
+
+def test_report_shows_subset_metrics_as_one_row_per_number_of_given_modalities():
+    """The main table keeps the headline keys; the directions S -> m go to the subset table."""
+    by_size = {"1": {"mean": 0.5, "subsets": {"a": 0.25, "b": 0.75}}}
+    payload = {"run_dir": "runs/x", "model": "m", "modalities": ["a", "b"], "dataset": "d",
+               "metrics": {"subset_coherence": {
+                   "values": {"cond_a_to_b": 0.25, "cond_b_to_a": 0.75, "given_1": 0.5, "joint": 0.1},
+                   "headline": ["given_1", "joint"], "by_size": by_size}}}
+    text = render_report(payload)
+    assert "| subset_coherence / given_1 | 50.0% |" in text and "cond_a_to_b |" not in text
+    assert "| 1 | 50.0% | a 25.0%, b 75.0% |" in text
+    assert "| none (prior samples, all agree) | 10.0% | |" in text

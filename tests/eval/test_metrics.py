@@ -2,6 +2,7 @@
 and whether it needs labels; the trainer's periodic list in the config names the same metrics."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,3 +42,23 @@ def test_a_metric_that_needs_labels_still_checks_its_own_conditions(tmp_path):
     ctx = context(mmvae.build_model("mnist_svhn", latent_dim=2), tmp_path)
     assert "neither unique_train.npz nor cached classifiers" in inapplicable("coherence", ctx)
     assert inapplicable("latent", ctx) is None and inapplicable("likelihood", ctx) is None
+
+
+@pytest.mark.parametrize("name", ["subset_coherence", "subset_latent"])
+def test_subset_metrics_apply_to_multimodal_models_with_a_classifier_for_every_modality(name, tmp_path):
+    from standins import digit_mmvae
+
+    assert "needs a multimodal model" in inapplicable(name, context(mmvae.build_model("mnist"), tmp_path))
+    model = digit_mmvae(3)
+    assert inapplicable(name, context(model, tmp_path)).startswith(f"{name}: no digit classifier for m0, m1, m2")
+    (tmp_path / "classifiers").mkdir()
+    for m in ("m0", "m2"):
+        (tmp_path / "classifiers" / f"{m}.pt").touch()
+    assert "no digit classifier for m1:" in inapplicable(name, context(model, tmp_path))
+    np.savez(tmp_path / "unique_train.npz", m1=np.zeros((2, 1, 28, 28), np.uint8), m1_labels=np.zeros(2))
+    assert inapplicable(name, context(model, tmp_path)) is None  # m1 can be trained
+    reason = inapplicable(name, context(model, tmp_path, **{"eval.coherence_pairs": "unique"}))
+    if name == "subset_coherence":  # unique pairs are built for two modalities
+        assert "eval.coherence_pairs=unique pairs two modalities" in reason
+    else:
+        assert reason is None
