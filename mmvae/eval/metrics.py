@@ -46,13 +46,16 @@ class Metric:
         process (`mmvae.eval.distributed`); the others run on the main process only. The sharded
         ones are also what the trainer may run every ``train.eval_every`` epochs
         (``config.PERIODIC_METRICS`` lists the same names: config sits below eval);
-    needs_labels: it needs class labels, which the reference models' own samples lack.
+    needs_labels: it needs class labels, which the reference models' own samples lack;
+    repeats: EvalContext -> None, or the metric whose numbers this one would only repeat on that
+        run (then the config's default list leaves it out, silently; named in --metrics, it runs).
     """
 
     fn: Callable[[EvalContext], dict]
     applies_to: Callable[[EvalContext], str | None] = always
     sharded: bool = False
     needs_labels: bool = False
+    repeats: Callable[[EvalContext], str | None] = always
 
 
 def metric_likelihood(ctx: EvalContext) -> dict:
@@ -304,6 +307,14 @@ def _subsets_apply(name: str, test_pairs: bool):
     return applies
 
 
+def _with_two_modalities(other: str):
+    """`Metric.repeats` of the subset metrics: with two modalities, every subset is one expert
+    and the numbers are those of `other` (the same draws)."""
+    def repeats(ctx: EvalContext) -> str | None:
+        return other if len(ctx.model.modalities) == 2 else None
+    return repeats
+
+
 def _cca_applies(ctx: EvalContext) -> str | None:
     missing = [m for m in cca.MODALITIES if m not in ctx.model.modalities]
     if ctx.is_toy or missing:
@@ -331,14 +342,20 @@ METRICS: dict[str, Metric] = {  # this order is the one error messages list them
     "coherence": Metric(metric_coherence, _coherence_applies, sharded=True, needs_labels=True),
     "latent": Metric(metric_latent, needs_labels=True),
     "subset_coherence": Metric(metric_subset_coherence, _subsets_apply("subset_coherence", True),
-                               sharded=True, needs_labels=True),
+                               sharded=True, needs_labels=True,
+                               repeats=_with_two_modalities("coherence")),
     "subset_latent": Metric(metric_subset_latent, _subsets_apply("subset_latent", False),
-                            sharded=True, needs_labels=True),
+                            sharded=True, needs_labels=True, repeats=_with_two_modalities("latent")),
     "pictures": Metric(metric_pictures),
     "cca": Metric(metric_cca, _cca_applies, sharded=True),
     "attributes": Metric(metric_attributes, _attributes_apply, sharded=True),
 }
 SHARDED = tuple(name for name, metric in METRICS.items() if metric.sharded)
+
+
+def repeats(name: str, ctx: EvalContext) -> str | None:
+    """The metric whose numbers `name` would only repeat on this run (None: it adds its own)."""
+    return METRICS[name].repeats(ctx)
 
 
 def inapplicable(name: str, ctx: EvalContext) -> str | None:

@@ -29,7 +29,7 @@ import torch
 
 from mmvae.config import Config, ConfigError, load_config
 from mmvae.eval.context import EVAL_DIR, EvalContext, is_reference, resolve_options
-from mmvae.eval.metrics import METRICS, SHARDED, inapplicable
+from mmvae.eval.metrics import METRICS, SHARDED, inapplicable, repeats
 from mmvae.eval.report import write_report
 from mmvae.log import Board
 from mmvae.paths import unwritable
@@ -93,6 +93,9 @@ def prepare(run_dir, metrics: Sequence[str] | None = None, overrides: Sequence[s
             if ranks.is_main:
                 warnings.warn(f"skipping {inapplicable(name, ctx)}", stacklevel=2)
             names.remove(name)
+        # ... and what would only repeat another chosen metric's numbers (two modalities: the
+        # subset metrics are coherence and latent again)
+        names = [n for n in names if n not in METRICS or repeats(n, ctx) not in names]
     check_metrics(names, ctx)
     return ctx, names
 

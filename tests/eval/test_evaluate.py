@@ -143,6 +143,8 @@ def test_digits_run_end_to_end(tmp_path):
     assert m["coherence"]["num_pairs"] == 64
     assert 0.0 <= m["coherence"]["values"]["cross_svhn_to_mnist"] <= 0.3  # untrained: chance
     assert (shards / "classifiers" / "svhn.pt").is_file()
+    from mmvae.eval.run import prepare  # the default list: no subset metric repeats the pair's
+    assert prepare(run)[1] == ["likelihood", "coherence", "latent", "pictures"]
     assert set(m["latent"]["values"]) == {"latent_mnist", "latent_svhn"}
     assert len(m["pictures"]["files"]) == 6  # recon png+txt, 2 prior grids, embedding, KL
     assert all((run / f).stat().st_size > 0 for f in m["pictures"]["files"])

@@ -62,3 +62,16 @@ def test_subset_metrics_apply_to_multimodal_models_with_a_classifier_for_every_m
         assert "eval.coherence_pairs=unique pairs two modalities" in reason
     else:
         assert reason is None
+
+
+def test_with_two_modalities_the_subset_metrics_repeat_coherence_and_latent_and_only_then(tmp_path):
+    """The default list leaves a subset metric out where it would compute the same numbers as
+    another chosen metric (M = 2: every subset is one expert); with three it adds its own."""
+    from mmvae.eval.metrics import repeats
+    from standins import digit_mmvae
+
+    two = context(mmvae.build_model("mnist_svhn", latent_dim=2), tmp_path)
+    assert repeats("subset_coherence", two) == "coherence" and repeats("subset_latent", two) == "latent"
+    three = context(digit_mmvae(3), tmp_path)
+    assert repeats("subset_coherence", three) is None and repeats("subset_latent", three) is None
+    assert all(repeats(n, two) is None for n in METRICS if not n.startswith("subset_"))
