@@ -5,15 +5,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmvae.eval import study
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _launcher():
-    spec = importlib.util.spec_from_file_location("launch_estimator_study",
-                                                  ROOT / "launch" / "estimator_study.py")
+def _launcher(name="estimator_study"):
+    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,14 +41,14 @@ def test_unknown_variant_is_one_line_exit_2(capsys):
     assert len(err) == 1 and "nope" in err[0]
 
 
-@pytest.mark.slow  # four processes (two trainings, two evaluations): ~1-2 minutes here
+@pytest.mark.slow  # four processes (two trainings, two evaluations) and grad_snr: minutes here
 def test_tiny_study_trains_evaluates_and_tabulates_each_run_once(shards, tmp_path):
     out = tmp_path / "study"
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--variants", "stl,iwae",
             "--seeds", "1", "--budgets", "1", "--max-steps", "2", "--out", str(out),
             "--metrics", "likelihood",
             "--train", f"data.shards={shards}", "data.builtin=", "data.batch_size=4",
-            "objective.K=2", "train.test_every=0",
+            "objective.K=2", "train.test_every=0", "train.adam_eps=1e-9",
             "--eval", "eval.iwae_K=4", "eval.k_chunk=4", "eval.max_datapoints=4"]
     main = _launcher().main
     assert main(argv) == 0
@@ -65,3 +65,16 @@ def test_tiny_study_trains_evaluates_and_tabulates_each_run_once(shards, tmp_pat
     # a second call finds everything done: no new process, the same table
     assert main(argv) == 0
     assert len((out / "timings.jsonl").read_text().splitlines()) == 4
+    # train.adam_eps reached the optimiser the loop built (and amsgrad stayed on)
+    run = out / "1ep" / "stl" / "seed1"
+    group = torch.load(run / "checkpoints" / "000000002" / "optimizer.bin",
+                       weights_only=True)["param_groups"][0]
+    assert (group["eps"], group["amsgrad"]) == (1e-9, True)
+    # grad_snr reads the run's checkpoints: step 2 is the final model, init is not
+    snr_json = tmp_path / "snr.json"
+    assert _launcher("grad_snr").main(["--run", str(run), "--points", "all", "--draws", "3",
+                                       "--K", "2", "--batch-size", "4", "--out", str(snr_json)]) == 0
+    points = {p["point"]: p for p in json.loads(snr_json.read_text())["points"]}
+    assert list(points) == ["init", "2", "final"]
+    assert points["2"]["snr"] == points["final"]["snr"]
+    assert points["init"]["snr"] != points["final"]["snr"]
