@@ -9,6 +9,7 @@ that comes from the other experts' score terms (mmvae/eval/gradsnr.py, docs/esti
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -56,13 +57,13 @@ def main(argv=None) -> int:
             raise ConfigError(f"estimators {bad} unknown (valid: {', '.join(gradsnr.ESTIMATORS)})"
                               if bad else "--draws must be >= 2 (an sd needs two draws)")
         points = R.resolve_points(args.points or ("all" if run_dir else "init"), run_dir)
-        model = R.fresh_model(cfg, model_kwargs(cfg))
+        model, initial = R.fresh_model(cfg, model_kwargs(cfg))
         K, B = args.K or cfg.objective.K, args.batch_size or cfg.data.batch_size
         xs = R.fixed_batch(model, cfg, B, args.split, args.seed)
         for p in points:  # every point loads before any is measured: a typo fails in seconds
-            R.load_point(model, p, run_dir)
+            R.load_point(model, p, run_dir, initial)
         console = make_console(stderr=True)
-        rows = R.measure_points(model, cfg, points, run_dir, xs=xs, K=K, estimators=estimators,
+        rows = R.measure_points(model, cfg, points, run_dir, initial=initial, xs=xs, K=K, estimators=estimators,
                                 draws=args.draws, seed=args.seed,
                                 decompose=not args.no_decompose, say=console.print)
     except (ConfigError, FileNotFoundError) as err:
@@ -71,7 +72,8 @@ def main(argv=None) -> int:
     payload = {"run_dir": str(run_dir) if run_dir else None, "config": args.config,
                "model": cfg.model.name, "looser": cfg.objective.looser, "K": K,
                "batch_size": int(xs[0].shape[0]), "draws": args.draws, "split": args.split,
-               "seed": args.seed, "points": rows}
+               "seed": args.seed,
+               "snr_floor": (2 / (math.pi * args.draws)) ** 0.5, "points": rows}
     out = Path(args.out) if args.out else (run_dir or Path(".")) / "grad_snr.json"
     R.write_json(out, payload)
     if args.plot:

@@ -131,3 +131,15 @@ def test_cli_writes_every_estimator_and_group_and_refuses_a_missing_checkpoint(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint of step 7" in err[0]
     assert not (tmp_path / "b.json").exists()
+
+
+def test_weight_stats_see_flat_weights_at_the_exact_posterior_and_overlap_of_the_experts():
+    # exact posterior: l(z) = log p(x) for every particle, all weights equal, ESS = K
+    model = _model("gaussian", 1, exact=True)
+    stats = G.weight_stats(model, _data(model), 8)
+    assert stats["ess_fraction"] == pytest.approx(1.0, abs=1e-6)
+    assert stats["alpha_other_max"] == 0
+    # two experts that see the same z from different views overlap: alpha_m(z_rk) well above 0
+    pair = _model("gaussian_pair", 2, exact=True)
+    stats = G.weight_stats(pair, _data(pair), 8)
+    assert 0.05 < stats["alpha_other_mean"] <= 0.5 and stats["ess_fraction"] < 1

@@ -109,6 +109,29 @@ def noise_draws(model, K: int, B: int, draws: int, seed: int, device) -> list[li
     return out
 
 
+@torch.no_grad()
+def weight_stats(model, xs: Sequence[torch.Tensor], K: int, *, seed: int = 0,
+                 looser: bool = True) -> dict:
+    """How degenerate the importance weights are here (the first noise draw of `noise_draws`):
+    "ess_fraction", the effective sample size 1 / sum w~^2 of each softmax (per stratum for
+    `looser`) over its particle count, averaged; "alpha_other_mean"/"_max", the other experts'
+    responsibilities alpha_m(z_rk), m != r (0 when the experts do not overlap: then the unbiased
+    mixture DReG is the `paper` variant, and with ess_fraction -> 1/K all variants coincide)."""
+    eps = noise_draws(model, K, xs[0].shape[0], 1, seed, xs[0].device)[0]
+    p = objectives.draw(model, list(xs), K, eps)
+    log_q = objectives.log_q_matrix(model, p.z, p.posts, detach_params=True)  # (M_m, M_r, K, B)
+    M = log_q.shape[0]
+    lw = p.log_joint - (torch.logsumexp(log_q, 0) - math.log(M))  # (M, K, B)
+    if looser and M > 1:
+        ess = 1 / torch.softmax(lw, 1).square().sum(1) / K
+    else:
+        ess = 1 / torch.softmax(lw.reshape(M * K, -1), 0).square().sum(0) / (M * K)
+    alpha = torch.softmax(log_q, 0)
+    other = alpha[~torch.eye(M, dtype=torch.bool)] if M > 1 else torch.zeros(1)
+    return {"ess_fraction": float(ess.mean()), "alpha_other_mean": float(other.mean()),
+            "alpha_other_max": float(other.max())}
+
+
 def measure(model, xs: Sequence[torch.Tensor], K: int, *, estimators: Sequence[str] = ESTIMATORS,
             draws: int = 20, seed: int = 0, looser: bool = True) -> dict:
     """{estimator: {group: summary}} over `draws` noise draws, the same draws for each."""

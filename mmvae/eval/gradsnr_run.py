@@ -39,15 +39,20 @@ def resolve_points(spec: str, run_dir: Path | None) -> list[str]:
     return points
 
 
-def fresh_model(cfg: Config, model_kwargs: dict) -> torch.nn.Module:
-    """The initial parameters of a run with this config (the trainer's seeding and build)."""
+def fresh_model(cfg: Config, model_kwargs: dict) -> tuple[torch.nn.Module, dict]:
+    """A model with the initial parameters of a run with this config (the trainer's seeding and
+    build), and a copy of them (the `init` point, restored after other points were loaded)."""
     torch.manual_seed(cfg.train.seed)
-    return build_model(cfg.model.name, **model_kwargs)
+    model = build_model(cfg.model.name, **model_kwargs)
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def load_point(model: torch.nn.Module, point: str, run_dir: Path | None) -> int | None:
-    """Load the weights of `point` into `model` (in place); returns the step (None for final)."""
+def load_point(model: torch.nn.Module, point: str, run_dir: Path | None,
+               initial: dict) -> int | None:
+    """Load the weights of `point` into `model` (in place); returns the step (None for final).
+    `initial`: the initial state (`fresh_model`)."""
     if point == "init":
+        model.load_state_dict(initial)
         return 0
     if point == "final":
         if run_dir is None:
@@ -78,16 +83,17 @@ def fixed_batch(model, cfg: Config, batch_size: int, split: str, seed: int) -> l
 
 
 def measure_points(model, cfg: Config, points: Sequence[str], run_dir: Path | None, *,
-                   xs, K: int, estimators: Sequence[str], draws: int, seed: int,
+                   initial: dict, xs, K: int, estimators: Sequence[str], draws: int, seed: int,
                    decompose: bool, say=print) -> list[dict]:
-    """One record per point: {"point", "step", "snr": {estimator: {group: summary}},
+    """One record per point: {"point", "step", "weights" (`gradsnr.weight_stats`), "snr": {estimator: {group: summary}},
     "decomposition": {group: parts} (multimodal, when asked), "seconds"}."""
     looser = cfg.objective.looser
     rows = []
     for point in points:
         start = time.perf_counter()
-        step = load_point(model, point, run_dir)
+        step = load_point(model, point, run_dir, initial)
         row = {"point": point, "step": step,
+               "weights": gradsnr.weight_stats(model, xs, K, seed=seed, looser=looser),
                "snr": gradsnr.measure(model, xs, K, estimators=estimators, draws=draws,
                                       seed=seed, looser=looser)}
         if decompose and model.multimodal:
@@ -116,15 +122,16 @@ def table(payload: dict):
     encs = list(rows[0].get("decomposition", {}))
     t = Table(title=f"gradient SNR, median (mean) over elements; K={payload['K']}, "
                     f"B={payload['batch_size']}, {payload['draws']} draws", title_justify="left")
-    for name in ["point", "estimator", *groups, *[f"score var share {g}" for g in encs]]:
+    for name in ["point", "ESS/K", "estimator", *groups, *[f"score var share {g}" for g in encs]]:
         t.add_column(name, justify="left" if name in ("point", "estimator") else "right")
     for row in rows:
         for i, (est, per_group) in enumerate(row["snr"].items()):
             cells = [f"{per_group[g]['snr_median']:.3g} ({per_group[g]['snr_mean']:.3g})"
                      for g in groups]
-            shares = [f"{row['decomposition'][g]['score_share']:.3f}" if i == 0 else ""
+            shares = [f"{row['decomposition'][g]['score_share']:.2g}" if i == 0 else ""
                       for g in encs]
-            t.add_row(row["point"] if i == 0 else "", est, *cells, *shares,
+            ess = f"{row['weights']['ess_fraction']:.3g}" if i == 0 and "weights" in row else ""
+            t.add_row(row["point"] if i == 0 else "", ess, est, *cells, *shares,
                       end_section=i == len(row["snr"]) - 1)
     return t
 
@@ -145,6 +152,7 @@ def plot(payload: dict, path: Path) -> None:
         ax.set_title(g)
         ax.set_xlabel("step")
         ax.set_yscale("log")
+        ax.axhline(payload.get("snr_floor", 0), color="grey", lw=0.8, ls=":")
     axes[0][0].set_ylabel("median SNR |mean|/sd")
     axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
