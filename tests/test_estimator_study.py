@@ -41,7 +41,7 @@ def test_unknown_variant_is_one_line_exit_2(capsys):
     assert len(err) == 1 and "nope" in err[0]
 
 
-@pytest.mark.slow  # four processes (two trainings, two evaluations) and grad_snr: minutes here
+@pytest.mark.slow  # four processes (two trainings, two evaluations) and grad_snr: ~30 s here, more under load
 def test_tiny_study_trains_evaluates_and_tabulates_each_run_once(shards, tmp_path):
     out = tmp_path / "study"
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "--variants", "stl,iwae",
