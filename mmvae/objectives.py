@@ -23,6 +23,8 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
   the form derived in DESIGN.md; ``"paper"`` reweights the path by w^2 with the mixture density
   detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed.
 * ``elbo`` / ``m_elbo``: one particle, analytic KL (REFERENCE.md §3).
+* ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
+  0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
 
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
