@@ -23,6 +23,8 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
   the form derived in DESIGN.md; ``"paper"`` reweights the path by w^2 with the mixture density
   detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed.
 * ``elbo`` / ``m_elbo``: one particle, analytic KL (REFERENCE.md §3).
+* ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
+  0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
 
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
@@ -227,12 +229,33 @@ def _mixture_terms(model, p: Particles, w: torch.Tensor, idx: torch.Tensor) -> t
     log_q_fixed = log_q_matrix(model, z_again, p.posts, detach_params=True)
     log_alpha = log_q_fixed - torch.logsumexp(log_q_fixed, 0)
     alpha_term = -(w * log_alpha[idx, idx].exp()).sum((0, 1))
-    # Score terms: grad_phi_m log q_m(z_rk) for m != r, z fixed, weighted by w alpha_m(z_rk).
+    return alpha_term - _score_terms(model, p, w, log_alpha.detach())
+
+
+def _score_terms(model, p: Particles, w: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
+    """sum_{m != r} sum_k w alpha_m(z_rk) log q_m(z_rk) (B,): its gradient is grad_phi_m
+    log q_m at z held fixed, weighted by w alpha_m (log_alpha: (M_m, M_r, K, B), detached)."""
     log_q_params = log_q_matrix(model, p.z.detach(), p.posts, detach_params=False)
-    alpha_other = log_alpha.detach().exp()
-    off_diag = ~torch.eye(len(idx), dtype=torch.bool, device=w.device)  # (M_m, M_r)
-    score = (w.unsqueeze(0) * alpha_other * log_q_params)[off_diag]  # (M(M-1), K, B)
-    return alpha_term - score.sum((0, 1))
+    off_diag = ~torch.eye(log_alpha.shape[0], dtype=torch.bool, device=w.device)  # (M_m, M_r)
+    return (w.unsqueeze(0) * log_alpha.exp() * log_q_params)[off_diag].sum((0, 1))
+
+
+def m_dreg_score_part(model, xs, K: int = 1, *, looser: bool = False, eps=None,
+                      reducer=None) -> torch.Tensor:
+    """The other experts' score terms of the unbiased mixture DReG alone, as a (B,) surrogate
+    of value 0: its gradient is - sum_{m != r} sum_k w alpha_m(z_rk) grad_phi_m log q_m(z_rk),
+    exactly the part of `m_dreg(variant="unbiased")`'s gradient that `stl` and `paper` drop
+    (same noise -> same particles and weights). It reaches the encoders only. For the variance
+    decomposition of `mmvae.eval.gradsnr`; with M = 1 it is zero."""
+    xs = _as_list(xs)
+    p = draw(model, xs, K, eps)
+    M = p.z.shape[0]
+    log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True)
+    lw = p.log_joint - (torch.logsumexp(log_q_fixed, 0) - math.log(M))
+    _, w = _normalise(lw, looser, reducer or LocalReducer())
+    log_alpha = (log_q_fixed - torch.logsumexp(log_q_fixed, 0)).detach()
+    surrogate = -_score_terms(model, p, w, log_alpha)
+    return surrogate - surrogate.detach()
 
 
 def dreg(model, x, K: int = 1, *, eps=None, reducer=None) -> torch.Tensor:

@@ -229,7 +229,8 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     _check_space(run_dir, model, cfg)
     meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
     wrapped = ObjectiveModule(model, estimator_for(cfg, model.multimodal))
-    wrapped, optimizer = accelerator.prepare(wrapped, make_optimizer(model, cfg.train.lr))
+    wrapped, optimizer = accelerator.prepare(wrapped, make_optimizer(model, cfg.train.lr,
+                                                                       cfg.train.adam_eps))
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     _checkpoint_plain_keys(accelerator)
