@@ -26,19 +26,16 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     metrics = [m for m in args.metrics.split(",") if m] if args.metrics else None
-    import torch
-    from accelerate import Accelerator
 
     from mmvae.data.checks import check_shards
     from mmvae.data.errors import ShardDataError
-    from mmvae.eval.distributed import Ranks
     from mmvae.eval.report import metrics_table
     from mmvae.eval.run import execute, prepare
     from mmvae.log import make_console
-    from mmvae.train.dist import release
+    from mmvae.train.dist import accelerator_ranks, make_eval_accelerator, release
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU (ENVIRONMENT.md)
-    ranks = Ranks(accelerator.process_index, accelerator.num_processes)
+    accelerator = make_eval_accelerator()
+    ranks = accelerator_ranks(accelerator)
     try:
         try:  # every check happens here, before anything is computed or written
             ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,

@@ -49,10 +49,8 @@ KNOWN_PRIVATE = {
 }
 KNOWN_LAYER: set[tuple[str, str]] = set()
 # Libraries with one owner: only train/ touches the Accelerator, DeepSpeed and W&B (DESIGN.md).
-# launch/evaluate.py still builds its own Accelerator (the data-boundary branch owns it; the fix
-# is train.dist.make_accelerator, issue 14).
 OWNERS = {"accelerate": ("mmvae.train",), "deepspeed": ("mmvae.train",), "wandb": ("mmvae.train",)}
-KNOWN_OWNER = {("launch.evaluate", "accelerate")}
+KNOWN_OWNER: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:

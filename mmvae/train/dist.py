@@ -79,6 +79,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def make_eval_accelerator() -> Accelerator:
+    """The evaluation's Accelerator: no precision, trackers or DeepSpeed settings (evaluation
+    runs the networks in fp32 and logs nothing to W&B); CPU runs use gloo as in
+    `make_accelerator` (ENVIRONMENT.md)."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def autocast(accelerator: Accelerator):
     """The networks' mixed precision. Accelerate's autocast, except under DeepSpeed, where it does
     nothing (the engine holds bf16/fp16 weights itself): there torch's autocast casts the fp32
