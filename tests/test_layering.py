@@ -31,7 +31,7 @@ LAYERS = (
     ("mmvae.dists",),
     ("mmvae.argv",),               # the entry points' one-line parser errors and --out checks
     ("mmvae.config",               # leaves: import nothing of mmvae, so anything may use them
-     "mmvae.log",                  # console, progress bars, metrics.jsonl
+     "mmvae.log",                  # console, rank-aware info, progress bars, metrics.jsonl, W&B
      "mmvae.paths",                # "can this folder be written?" checks
      "mmvae.ranks",                # (rank, world), which rank computes which batch, collectives
      "mmvae.perf"),                # timing, FLOP and memory measurement for the benchmarks
@@ -48,8 +48,8 @@ KNOWN_PRIVATE = {
     ("launch.bench_data", "mmvae.data.recipes.shapes._scenes"),
 }
 KNOWN_LAYER: set[tuple[str, str]] = set()
-# Libraries with one owner: only train/ touches the Accelerator, DeepSpeed and W&B (DESIGN.md).
-OWNERS = {"accelerate": ("mmvae.train",), "deepspeed": ("mmvae.train",), "wandb": ("mmvae.train",)}
+# Libraries with one owner: only train/ touches the Accelerator and DeepSpeed, only log.py W&B.
+OWNERS = {"accelerate": ("mmvae.train",), "deepspeed": ("mmvae.train",), "wandb": ("mmvae.log",)}
 KNOWN_OWNER: set[tuple[str, str]] = set()
 
 
