@@ -24,7 +24,7 @@ LAYERS = (
      "mmvae.parallel",             # particle-sharded log-sum-exp over the estimators (train's)
      "mmvae"),                     # the package facade: build_model/load_model of the registry
     ("mmvae.objectives",           # estimators: pure functions of a model and a batch
-     "mmvae.data",                 # shards, the WebDataset pipeline, recipes, downloads
+     "mmvae.data",                 # shards, the pipeline (stages, decode, errors), recipes
      "mmvae.registry"),            # name -> model builder; save/load of a model
     ("mmvae.models",),
     ("mmvae.nets",),
