@@ -86,7 +86,7 @@ def fake_cub(root: Path, samples: int) -> Path:
     out.mkdir()
     splits = {}
     for split, n_img in (("train", -(-samples // 10)), ("test", 100)):
-        images, captions, attrs = shapes._scenes(split, n_img, 0)
+        images, captions, attrs = shapes.scenes(split, n_img, 0)
         rng = np.random.default_rng(0)
         noisy = np.clip(images + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)  # photo-like JPEG size
         jpegs = [cap.encode_jpeg(Image.fromarray(x.transpose(1, 2, 0))) for x in noisy]

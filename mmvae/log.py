@@ -160,6 +160,15 @@ class MetricsLog:
         return event
 
 
+def progress_bar(enabled: bool) -> Progress:
+    """A standalone rich bar (with ETA) on stderr for the shard builders, whose tasks advance
+    by more than one item at a time (`track` counts items); a no-op when disabled. It stays
+    on screen when done (one build, one line per split)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
 class _TrainFields(ProgressColumn):
     """loss, bound and samples/s of the training task (blank for the other phases' tasks)."""
 

@@ -40,13 +40,7 @@ HEIGHT = {unit: len(LAYERS) - i for i, layer in enumerate(LAYERS) for unit in la
 
 # Known violations in files other branches are changing now; each goes when its file is fixed.
 # (importer, imported name) for privates, (importer, imported module) for the layers.
-KNOWN_PRIVATE = {
-    # data/recipes/cub.py shows its feature-extraction progress with the writer's bar builder;
-    # the data-boundary branch owns data/: the fix is mmvae.log.track (issue 14).
-    ("mmvae.data.recipes.cub", "mmvae.data.writer._progress"),
-    # the CUB-like benchmark data reuses the shapes recipe's scene maker (data-boundary branch).
-    ("launch.bench_data", "mmvae.data.recipes.shapes._scenes"),
-}
+KNOWN_PRIVATE: set[tuple[str, str]] = set()
 KNOWN_LAYER: set[tuple[str, str]] = set()
 # Libraries with one owner: only train/ touches the Accelerator and DeepSpeed, only log.py W&B.
 OWNERS = {"accelerate": ("mmvae.train",), "deepspeed": ("mmvae.train",), "wandb": ("mmvae.log",)}
