@@ -34,7 +34,7 @@ from mmvae.data.store import REMOTE_SCHEMES
 from mmvae.eval import pictures
 from mmvae.log import MetricsLog, Tracker, TrainProgress, console, info, start_trackers, track
 from mmvae.paths import unwritable
-from mmvae.registry import build_model, check_model_name, load_weights, save_model
+from mmvae.registry import build_model, check_model_name, load_weights, save_model, spec_of
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.compiled import compile_nets
 from mmvae.train.dist import (Layout, all_sum, any_rank, autocast, broadcast, make_accelerator,
@@ -266,8 +266,8 @@ def _check_checkpoint(path: Path, model, accelerator, layout: Layout) -> dict:
     """The checkpoint's meta.json, once it is known to be of this model and loadable here:
     DeepSpeed's shards are per rank, and need DeepSpeed and the same number of processes."""
     meta = ckpt.read_meta(path)
-    if meta["model"] != model.spec:
-        diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
+    if meta["model"] != spec_of(model):
+        diff = {k: (meta["model"].get(k), v) for k, v in spec_of(model).items()
                 if meta["model"].get(k) != v}
         raise ConfigError(f"checkpoint {path} is of another model: {diff} "
                           f"(checkpoint, config); resume with the run's config.yaml")
@@ -376,7 +376,7 @@ def _commit(run: Run, root: Path) -> None:
             "samples_per_rank": state.batch_in_epoch * run.cfg.data.batch_size,
             "world": run.layout.world, "deepspeed": run.accelerator.state.deepspeed_plugin is not None,
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
-            "model": run.model.spec, "config": to_dict(run.cfg)}
+            "model": spec_of(run.model), "config": to_dict(run.cfg)}
     ckpt.write_meta(ckpt.tmp_dir(root, state.step), meta)
     ckpt.commit(root, state.step, run.cfg.train.keep_last)
 
