@@ -1,8 +1,8 @@
-"""Imports point downward (DESIGN.md "Layout"): every `import` of mmvae/ and launch/, read with
-`ast` (also those inside functions, which run later but tie the modules just the same), goes from
-a layer to a lower one or stays inside its own unit; no module imports another's `_private`
-name; only train/ talks to accelerate. A new module that fits no unit of the table fails until
-the table names its place."""
+"""Imports point downward (DESIGN.md "Layout"): every `import` of mmvae/, launch/ and
+benchmarks/, read with `ast` (also those inside functions, which run later but tie the modules
+just the same), goes from a layer to a lower one or stays inside its own unit; no module imports
+another's `_private` name; only train/ talks to accelerate and DeepSpeed, only log.py to W&B. A
+new module that fits no unit of the table fails until the table names its place."""
 import ast
 import subprocess
 import sys
@@ -17,7 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # import itself (a package its own submodules) and any unit of a LOWER layer; units of one layer
 # never import each other (objectives never imports data, eval never interop, ...).
 LAYERS = (
-    ("launch",),                   # entry points: argv -> the package
+    ("launch",                     # entry points: `python launch/X.py` -> mmvae.cli.X.main
+     "benchmarks"),                # throughput and memory measurements (scripts)
+    ("mmvae.cli",),                # the commands: argv -> the package, one module each
     ("mmvae.train",),              # accelerator, layout and collectives, loop, checkpoints
     ("mmvae.eval",                 # metrics, pictures, report (the trainer runs some every epoch)
      "mmvae.interop",              # the paper's released models <-> our run folders (registry, data)
@@ -45,6 +47,9 @@ KNOWN_LAYER: set[tuple[str, str]] = set()
 # Libraries with one owner: only train/ touches the Accelerator and DeepSpeed, only log.py W&B.
 OWNERS = {"accelerate": ("mmvae.train",), "deepspeed": ("mmvae.train",), "wandb": ("mmvae.log",)}
 KNOWN_OWNER: set[tuple[str, str]] = set()
+
+
+SCRIPT_FOLDERS = ("launch", "benchmarks")  # folders of scripts, not packages
 
 
 def module_name(path: Path) -> str:
@@ -111,7 +116,8 @@ def unit(module: str) -> str:
     return max(found, key=len)
 
 
-SOURCES = sorted([*(ROOT / "mmvae").rglob("*.py"), *(ROOT / "launch").glob("*.py")])
+SOURCES = sorted([*(ROOT / "mmvae").rglob("*.py"),
+                  *(p for folder in SCRIPT_FOLDERS for p in (ROOT / folder).glob("*.py"))])
 
 
 def test_the_layer_table_is_a_partition_of_the_packages_modules():
@@ -120,7 +126,7 @@ def test_the_layer_table_is_a_partition_of_the_packages_modules():
     for path in SOURCES:
         unit(module_name(path))
     for name in HEIGHT:
-        assert name == "launch" or is_module(name), f"LAYERS names {name}, which does not exist"
+        assert name in SCRIPT_FOLDERS or is_module(name), f"LAYERS names {name}, which does not exist"
 
 
 def test_every_import_points_to_a_lower_layer_or_inside_its_own_unit():
@@ -157,7 +163,7 @@ def test_accelerate_deepspeed_and_wandb_are_imported_only_by_their_owner():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if unit(importer) == "launch" and isinstance(node, ast.Import):
+            if unit(importer) in SCRIPT_FOLDERS and isinstance(node, ast.Import):
                 # a launcher may `import accelerate` for its __version__ (gpu_check's environment
                 # report); what it may not do is build an Accelerator (`from accelerate import`)
                 names = [n for n in names if "." in n]

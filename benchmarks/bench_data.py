@@ -1,8 +1,8 @@
 """Data-pipeline throughput (decoded samples/s) on shards of the real formats (a benchmark, not a test).
 
-    python launch/bench_data.py                       # 20k samples per format, workers 0 and 2
-    python launch/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
-    python launch/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
+    python benchmarks/bench_data.py                       # 20k samples per format, workers 0 and 2
+    python benchmarks/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
+    python benchmarks/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
 
 Builds, in a temporary folder, MNIST-SVHN shards with the real recipe from fake idx/.mat files
 (handwritten 8×8 digits upsampled to 28×28, rendered SVHN-like crops: PNG sizes like the real
