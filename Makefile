@@ -30,7 +30,7 @@ demo-cub: $(STAMP)
 	echo "caption demo run: $$run  (images/*_pairs.png, images/*.txt, eval.json, report.md)"
 
 bench: $(STAMP)
-	$(BIN)/python launch/bench.py
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf runs wandb .pytest_cache

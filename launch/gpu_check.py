@@ -39,7 +39,7 @@ from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "launch"))
+sys.path.insert(1, str(ROOT / "benchmarks"))
 
 import torch  # noqa: E402
 
@@ -80,7 +80,7 @@ def peak_mb(device: torch.device) -> float:
 
 
 def random_batch(model, B: int, vocab_size: int, device) -> dict:
-    """Random images in [0, 1] and captions of random tokens (launch/bench_cub.py)."""
+    """Random images in [0, 1] and captions of random tokens (benchmarks/bench_cub.py)."""
     xs = cub_inputs(model, B, vocab_size, torch.Generator().manual_seed(0))
     return {m: x.to(device) for m, x in zip(model.modalities, xs)}
 

@@ -50,11 +50,6 @@ def log_sum(t: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return blocks.sum(-1, dtype=torch.float64)
 
 
-def log_mean_exp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """log (1/n) sum_i exp(x_i) over `dim`, stably."""
-    return torch.logsumexp(x, dim) - math.log(x.shape[dim])
-
-
 @dataclass(frozen=True)
 class Family:
     """A location-scale family: standard noise, reparameterisation, log-density, torch object."""

@@ -1,7 +1,10 @@
-"""Console, progress bars and the metrics file; rank-aware (only the main process writes).
+"""Console, progress bars, the metrics file and the W&B tracker; rank-aware (only the main
+process writes).
 
+`info(...)` prints on the main process only, so no caller checks its rank to print.
 `metrics.jsonl` holds one JSON object per logged event: {"step", "epoch", "split", ...values}.
-Trackers (W&B) are reached through the Accelerator by the trainer; this module only formats.
+W&B is reached through the trainer's Accelerator (`start_trackers`, `Tracker`): a tracker
+failure warns once and never stops a run.
 
 Progress: `track(iterable, description, total)` shows a phase (test bound, evaluation metrics,
 pictures, classifier training) with its count, elapsed time and eta. On a terminal it is a rich
@@ -14,7 +17,11 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
+import re
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -38,6 +45,26 @@ def make_console(stderr: bool = True) -> Console:
 
 
 console = make_console()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the launch: the process group's rank once one is up (accelerate starts it), else
+    the launcher's RANK variable (before the Accelerator, or one process: main). torch is only
+    asked when something already imported it (no process group without it), so the light
+    modules that log stay free of torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
+
+
+def info(*objects, **kwargs) -> None:
+    """`console.print` on the main process; nothing on the others (one line per run, not one
+    per rank)."""
+    if is_main_process():
+        console.print(*objects, **kwargs)
+
+
 _BOARDS: list["Board"] = []  # the live progress displays, innermost last
 
 
@@ -133,6 +160,15 @@ class MetricsLog:
         return event
 
 
+def progress_bar(enabled: bool) -> Progress:
+    """A standalone rich bar (with ETA) on stderr for the shard builders, whose tasks advance
+    by more than one item at a time (`track` counts items); a no-op when disabled. It stays
+    on screen when done (one build, one line per split)."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
+                    console=Console(stderr=True), disable=not enabled, transient=False)
+
+
 class _TrainFields(ProgressColumn):
     """loss, bound and samples/s of the training task (blank for the other phases' tasks)."""
 
@@ -168,3 +204,80 @@ class TrainProgress:
     def close(self) -> None:
         if self.enabled:
             self.progress.stop()
+
+
+def wandb_mode(requested: str, warn: bool = True) -> str:
+    """online without credentials falls back to offline with one warning (no network here)."""
+    if requested != "online":
+        return requested
+    has_key = os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file()
+    if not has_key:
+        if warn:
+            warnings.warn("logging.wandb=online but no W&B credentials: logging offline "
+                          "(upload later with `wandb sync`)", stacklevel=2)
+        return "offline"
+    return requested
+
+
+class Tracker:
+    """The Accelerator's W&B tracker (any object with accelerate's `log`, `get_tracker`,
+    `trackers` and `is_main_process`) behind a guard: a tracker call that raises mid-run (server
+    gone, wandb process died) warns once and logging to W&B stops; training goes on, and
+    RUN_DIR/metrics.jsonl still gets every event."""
+
+    def __init__(self, accelerator, enabled: bool):
+        self.accelerator, self.enabled = accelerator, enabled
+
+    def log(self, values: dict, step: int) -> None:
+        self._guard(lambda: self.accelerator.log(values, step=step))
+
+    def log_images(self, paths, step: int) -> None:
+        """PNGs as W&B images and caption tables (``*_captions.json``, written by
+        `mmvae.eval.pictures`) as W&B tables: recon_003.png -> images/recon,
+        prior_003_svhn.png -> images/prior_svhn, recon_003_captions.json -> captions/recon."""
+        def log():
+            import wandb
+
+            run = self.accelerator.get_tracker("wandb", unwrap=True)
+            key = lambda p: re.sub(r"_\d{3}", "", Path(p).stem, count=1)  # noqa: E731
+            values = {"images/" + key(p): wandb.Image(str(p)) for p in paths if str(p).endswith(".png")}
+            for p in (p for p in paths if str(p).endswith("_captions.json")):
+                table = json.loads(Path(p).read_text())
+                values["captions/" + key(p).removesuffix("_captions")] = wandb.Table(
+                    columns=table["columns"], data=table["data"])
+            run.log(values, step=step)
+        self._guard(log)
+
+    def finish(self) -> None:
+        """Close the W&B run (guarded); `release` then ends the Accelerator without them."""
+        trackers, self.accelerator.trackers = self.accelerator.trackers, []
+        self._guard(lambda: [tracker.finish() for tracker in trackers])
+
+    def _guard(self, call) -> None:
+        if not (self.enabled and self.accelerator.is_main_process):
+            return
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - any tracker failure must not stop training
+            self.enabled = False
+            warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); continuing "
+                          f"without it (metrics.jsonl has every event)", stacklevel=3)
+
+
+def start_trackers(accelerator, logging, config: dict, run_dir: Path, run_id: str) -> Tracker:
+    """Start W&B through the Accelerator for the `logging` section of a config (`wandb`:
+    disabled / offline / online, `project`); `config` (a plain dict) is stored with the run."""
+    if logging.wandb == "disabled":
+        return Tracker(accelerator, enabled=False)
+    mode = wandb_mode(logging.wandb, warn=accelerator.is_main_process)
+    kwargs = {"wandb": {"dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow",
+                        "name": run_dir.name}}
+    try:
+        accelerator.init_trackers(logging.project, config=config, init_kwargs=kwargs)
+    except Exception as err:  # an unreachable server must not stop training
+        if mode == "offline":
+            raise
+        warnings.warn(f"W&B init failed ({err}); logging offline", stacklevel=2)
+        kwargs["wandb"]["mode"] = "offline"
+        accelerator.init_trackers(logging.project, config=config, init_kwargs=kwargs)
+    return Tracker(accelerator, enabled=True)

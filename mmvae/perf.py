@@ -2,7 +2,7 @@
 
 Absolute throughput moves from box to box; the ratio of achieved FLOP/s to the box's own dense
 matmul peak (same precision, same thread count, measured in the same process) is what travels.
-The benchmarks (launch/bench*.py) share these pieces:
+The benchmarks (benchmarks/bench*.py) share these pieces:
 
     flops = count_flops(step)                         # once, outside the timing
     ... time `step` ...

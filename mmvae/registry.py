@@ -1,8 +1,14 @@
-"""Explicit name -> builder tables. Unknown names raise and list the valid ones."""
+"""Explicit name -> builder tables. Unknown names raise and list the valid ones.
+
+A model's rebuild spec (its `model` config section as a dict: name and settings) is the
+registry's record, not an attribute of the model: `build_model` records it (`spec_of` reads it)
+and `save_model` writes it as model.json, from the record or from an explicit `spec=` for a
+model built outside the registry."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -30,24 +36,42 @@ def check_model_name(name: str) -> None:
         raise ConfigError(f"model.name={name!r} is not a model; valid: {', '.join(sorted(MODELS))}")
 
 
+# model -> the spec it was built from; weak, so the record goes with the model
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def build_model(name: str, **overrides) -> torch.nn.Module:
     """Build a registered model; `overrides` are keys of the `model` config section."""
     check_model_name(name)
     cfg = dataclasses.replace(ModelConfig(name=name), **overrides)
     model = MODELS[name](cfg)
-    model.spec = dataclasses.asdict(cfg)  # enough to rebuild it (save_model / load_model)
+    _SPECS[model] = dataclasses.asdict(cfg)  # enough to rebuild it (save_model / load_model)
     return model
+
+
+def spec_of(model: torch.nn.Module) -> dict | None:
+    """The `model` section `build_model` built `model` from (a fresh dict), or None for a model
+    built outside the registry."""
+    spec = _SPECS.get(model)
+    return None if spec is None else dict(spec)
 
 
 MODEL_JSON, WEIGHTS = "model.json", "weights.pt"
 
 
-def save_model(model: torch.nn.Module, path: str | Path) -> Path:
-    """Write `path/model.json` (the model config) and `path/weights.pt` (state_dict)."""
+def save_model(model: torch.nn.Module, path: str | Path, spec: ModelConfig | None = None) -> Path:
+    """Write `path/model.json` (the model config) and `path/weights.pt` (state_dict). A model
+    built outside the registry (a builder of `MODELS` called directly) passes the config it was
+    built from as `spec`; one built by `build_model` needs none."""
+    if spec is not None:
+        spec = dataclasses.asdict(spec)
+    elif (spec := spec_of(model)) is None:
+        raise ValueError(f"save_model: {type(model).__name__} was not built by build_model, so "
+                         f"its config is unknown; pass spec=ModelConfig(name=..., ...)")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path / WEIGHTS)
-    (path / MODEL_JSON).write_text(json.dumps(model.spec, indent=2))
+    (path / MODEL_JSON).write_text(json.dumps(spec, indent=2))
     return path
 
 

@@ -2,6 +2,7 @@
 parse, its config file and `key=value` overrides load, its `accelerate launch` options exist; every
 config setting quoted in the prose (`train.mixed_precision=no`, `logging.wandb: offline | ...`)
 loads; every launcher answers --help. And `make test` does not touch the system (SLURM tests)."""
+import importlib
 import importlib.util
 import os
 import re
@@ -16,17 +17,27 @@ from mmvae.config import load_config, valid_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LAUNCHERS = sorted(p.stem for p in (ROOT / "launch").glob("*.py"))
+SCRIPTS = {p.stem: p for folder in ("launch", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+LAUNCHERS = sorted(SCRIPTS)
 # Placeholders the docs write in upper case, as the values a reader would type.
 PLACEHOLDERS = {"K": "50", "C": "10", "N": "2", "SECONDS": "600"}
 KEY = "|".join(re.escape(k) for k in valid_keys())
 
 
-def launcher(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+def script(name: str):
+    """launch/<name>.py or benchmarks/<name>.py as a module (neither folder is a package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", SCRIPTS[name])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def launcher(name: str):
+    """The module holding a command's parse_args and main: mmvae.cli.<name> for the commands,
+    the script itself for the benchmarks and gpu_check."""
+    if (ROOT / "mmvae" / "cli" / f"{name}.py").is_file():
+        return importlib.import_module(f"mmvae.cli.{name}")
+    return script(name)
 
 
 def _code(text: str) -> list[str]:
@@ -67,7 +78,8 @@ def documented_commands() -> list[tuple[str, list[str]]]:
     found = []
     for doc in DOCS:
         for line in _code(doc.read_text()):
-            if not re.search(r"\b(python|accelerate|sbatch)\b.*\blaunch/\S+\.(py|sbatch)", line):
+            if not re.search(r"\b(python|accelerate|sbatch)\b.*\b(launch|benchmarks)/\S+\.(py|sbatch)",
+                             line):
                 continue  # a file named in prose, not a command
             for tokens in _expand(line):
                 found.append((f"{doc.name}: {line.strip()[:80]}", tokens))
@@ -83,8 +95,8 @@ def _placeholders(args: list[str]) -> list[str]:
 
 
 def check_command(tokens: list[str]) -> None:
-    script = next(i for i, t in enumerate(tokens) if re.search(r"launch/\S+\.(py|sbatch)$", t))
-    before, path, args = tokens[:script], tokens[script], _placeholders(tokens[script + 1:])
+    at = next(i for i, t in enumerate(tokens) if re.search(r"(launch|benchmarks)/\S+\.(py|sbatch)$", t))
+    before, path, args = tokens[:at], tokens[at], _placeholders(tokens[at + 1:])
     if "launch" in before and "accelerate" in before:  # accelerate's own options exist
         from accelerate.commands.launch import launch_command_parser
 
@@ -111,7 +123,7 @@ def check_command(tokens: list[str]) -> None:
 
 
 def test_the_docs_hold_commands_of_every_kind():
-    kinds = {Path(next(t for t in tokens if re.search(r"launch/", t))).name
+    kinds = {Path(next(t for t in tokens if re.search(r"(launch|benchmarks)/", t))).name
              for _, tokens in COMMANDS}
     assert {"train.py", "evaluate.py", "shard_demo.py", "shard_mnist_svhn.py", "shard_cub.py",
             "bench.py", "bench_cub.py", "bench_data.py", "train.sbatch",
@@ -162,6 +174,14 @@ def test_launcher_answers_help(name, capsys):
         launcher(name).main(["--help"])
     assert exit_.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "mmvae" / "cli").glob("[!_]*.py")))
+def test_each_command_has_its_launch_script_running_its_main(name):
+    """`python launch/<name>.py` runs `mmvae.cli.<name>.main`: the thin entry point is wired to
+    the command it names (the documented commands go through it)."""
+    assert SCRIPTS[name].parent.name == "launch"
+    assert script(name).main is importlib.import_module(f"mmvae.cli.{name}").main
 
 
 def test_slurm_tests_are_skipped_unless_asked_for(tmp_path):

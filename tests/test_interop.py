@@ -8,7 +8,7 @@ torch.nn.functional on the paper's tensors, must equal our nets' on the imported
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import json
 import zipfile
 from collections import OrderedDict
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 import mmvae
 from mmvae.interop.paper import InteropError, import_paper_model, read_args
 
-ROOT = Path(__file__).resolve().parents[1]
 D, V = 4, 23  # latent dim; vocabulary (the paper's was 1590)
 
 
@@ -211,10 +210,7 @@ INPUTS = {"mnist": lambda g: torch.rand(3, 1, 28, 28, generator=g),
 
 
 def _launcher(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"mmvae.cli.{name}").main
 
 
 @pytest.fixture(autouse=True)

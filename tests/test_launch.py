@@ -1,4 +1,5 @@
 """Launchers on bad input: one line naming the problem and the fix, exit 2, nothing written."""
+import importlib
 import importlib.util
 from pathlib import Path
 
@@ -8,8 +9,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def launcher(name: str):
-    """`main` of launch/<name>.py, imported from the file (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
+    """mmvae.cli.<name>.main, what launch/<name>.py runs."""
+    return importlib.import_module(f"mmvae.cli.{name}").main
+
+
+def bench_main():
+    """main of benchmarks/bench.py (a script, not a command of the package)."""
+    spec = importlib.util.spec_from_file_location("bench_entry", ROOT / "benchmarks" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main
@@ -17,7 +23,7 @@ def launcher(name: str):
 
 def run(name: str, argv) -> int:
     try:
-        return launcher(name)(argv)
+        return (bench_main() if name == "bench" else launcher(name))(argv)
     except SystemExit as exit_:  # argparse
         return exit_.code
 

@@ -32,6 +32,17 @@ def test_track_is_silent_when_disabled_and_no_bar_is_live(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_info_prints_on_the_main_process_only(capsys, monkeypatch):
+    """Before the process group is up a launcher's RANK says which process is main; a message
+    shown once per run must not repeat on every rank."""
+    monkeypatch.setenv("RANK", "1")
+    log.info("resuming from somewhere")
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    log.info("resuming from somewhere")
+    assert capsys.readouterr().err == "resuming from somewhere\n"
+
+
 def test_training_shows_the_end_of_run_test_bound(shards, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.run(

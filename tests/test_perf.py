@@ -47,7 +47,7 @@ def test_profile_table_lists_the_operators_of_the_call():
 
 
 def _bench_main():
-    spec = importlib.util.spec_from_file_location("bench_entry", ROOT / "launch" / "bench.py")
+    spec = importlib.util.spec_from_file_location("bench_entry", ROOT / "benchmarks" / "bench.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.main

@@ -5,7 +5,7 @@ checkpoints survive failed writes; non-finite steps are skipped and stop the run
 are skipped by the grad scaler and counted apart; bad run folders, mismatched checkpoints and W&B
 trouble give clear messages instead of lost work."""
 import errno
-import importlib.util
+import importlib
 import json
 import os
 import signal
@@ -36,11 +36,8 @@ def overrides(shards, run_dir, *extra):
 
 
 def train_main(argv: list[str]) -> int:
-    """launch/train.py's main, in this process."""
-    spec = importlib.util.spec_from_file_location("train_entry", ROOT / "launch" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    """mmvae.cli.train.main (what launch/train.py runs), in this process."""
+    return importlib.import_module("mmvae.cli.train").main(argv)
 
 
 def clean_env():

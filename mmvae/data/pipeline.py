@@ -26,6 +26,10 @@ open_clip's ``get_wds_dataset``::
     count_errors       attach this worker's skipped-sample count to the batch
     report_fatal       a worker's ShardDataError travels to the main process as one line
 
+The shard and sample stages are here; ``decode``, ``batch`` and ``tensors`` (decoding and
+collation) are in :mod:`mmvae.data.decode`, and the one error handler in
+:mod:`mmvae.data.errors`; this module re-exports their names.
+
 Equal batches on every rank (no DDP hang): with ``drop_last=True`` the shard stream repeats
 (reshuffled each pass) and ``take_quota`` stops every rank after exactly
 ``len(loader) = num_samples // (dp_size * batch_size)`` batches, split over its workers.
@@ -48,7 +52,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections import Counter
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterator, Sequence
@@ -57,10 +60,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from mmvae.data.errors import ShardDataError, ShardsError, ShardsNotFound, one_line  # noqa: F401
+# Decoding and collation (decode.py) and error handling (errors.py) are their own modules; their
+# names stay importable from here, where callers and tests have always found them.
+from mmvae.data.decode import Decode, ToTensors, collate, images_to_float  # noqa: F401
+from mmvae.data.errors import (ErrorCounter, ShardDataError, ShardsError,  # noqa: F401
+                               ShardsNotFound, one_line)
 from mmvae.data.manifest import MANIFEST, read_manifest
-from mmvae.data.samples import (IMAGE_EXTS, check_value, compile_spec, decode_image,  # noqa: F401
-                                decode_value, fits, spec_of)
+from mmvae.data.samples import IMAGE_EXTS, decode_image  # noqa: F401
 from mmvae.data.store import open_store
 
 log = logging.getLogger(__name__)
@@ -87,77 +93,6 @@ class EpochState:
 
     seed: int
     epoch: int
-
-
-# ----------------------------------------------------------------------------- error handling
-def _describe(exn: BaseException) -> str:
-    """'Type: message' of an exception, without the ' @ <stream ...>' webdataset appends."""
-    message = str(exn.args[0]) if getattr(exn, "args", None) else str(exn)
-    return one_line(f"{type(exn).__name__}: {message.split(' @ <')[0]}")
-
-
-class ErrorCounter:
-    """The one error handler of the pipeline. Under ``"skip"`` it counts every sample not
-    delivered and logs a warning naming the shard (per sample: the first few of each shard,
-    with key and reason; per shard: how many samples it lost); under ``"raise"`` the first
-    problem raises a one-line :class:`ShardDataError`."""
-
-    SHOWN_PER_SHARD = 3
-
-    def __init__(self, on_error: str):
-        self.on_error = on_error
-        self.count = 0
-        self._taken = 0
-        self._shown: Counter = Counter()
-        self._noted: set = set()
-
-    def _fail(self, message: str, exn: BaseException | None = None):
-        raise ShardDataError(one_line(message)) from exn
-
-    def sample(self, shard: str, key: str | None, what: str, exn: BaseException | None = None) -> None:
-        """One sample dropped (missing key, undecodable, breaks the spec)."""
-        where = f"shard {shard}, sample {key}"
-        if self.on_error == "raise":
-            self._fail(f"bad data in {where}: {what} (data.on_error=raise)", exn)
-        self.count += 1
-        self._shown[shard] += 1
-        if self._shown[shard] <= self.SHOWN_PER_SHARD:
-            log.warning("skipping bad data in %s: %s", where, one_line(what))
-        elif self._shown[shard] == self.SHOWN_PER_SHARD + 1:
-            log.warning("more bad samples in shard %s: not shown, each is counted", shard)
-
-    def lost(self, shard: str, lost: int, expected: int, why: str) -> None:
-        """``lost`` samples of a shard never came out of its tar."""
-        message = f"shard {shard}: {lost} of its {expected} samples could not be read ({why})"
-        if self.on_error == "raise":
-            self._fail(f"{message} (data.on_error=raise)")
-        self.count += lost
-        self.note(shard, f"{message}; counted as data errors")
-
-    def tar_error(self, shard: str, exn: BaseException) -> str:
-        """An error reading the tar: raises under ``"raise"``; otherwise its description
-        (what it costs is counted by :meth:`lost` at the end of the shard)."""
-        what = _describe(exn)
-        if self.on_error == "raise":
-            self._fail(f"bad data in shard {shard}: {what} (data.on_error=raise)", exn)
-        return what
-
-    def note(self, shard: str, message: str) -> None:
-        """A problem worth one warning per shard (and per loader and worker)."""
-        if (shard, message) not in self._noted:
-            self._noted.add((shard, message))
-            log.warning("%s", one_line(message))
-
-    def problem(self, shard: str, what: str) -> None:
-        """A shard that is not what the manifest says, though nothing is lost (yet)."""
-        if self.on_error == "raise":
-            self._fail(f"shard {shard} {what} (data.on_error=raise)")
-        self.note(shard, f"shard {shard} {what}")
-
-    def take(self) -> int:
-        """Errors counted since the last call."""
-        delta, self._taken = self.count - self._taken, self.count
-        return delta
 
 
 # ----------------------------------------------------------------------------- shard stages
@@ -351,98 +286,6 @@ class ShuffleBuffer:
         rng = random.Random(mix_seed(self.state.seed, self.state.epoch, self.dp_rank,
                                      _worker_info()[0], _TAG_BUFFER))
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
-
-
-class Decode:
-    """Stage ``decode``: every selected payload by extension, then checked against the
-    manifest's modality spec (shape, dtype, caption length; float arrays must be finite). A
-    failure is reported with shard, key and reason and the sample dropped, so a batch only
-    ever holds samples that fit together. Without a spec in the manifest (folders built before
-    it existed), the first good value of each key in this worker sets it."""
-
-    def __init__(self, errors: ErrorCounter, spec: dict | None):
-        self.errors, self.spec, self.learn = errors, dict(spec or {}), spec is None
-        self._compiled = {key: compile_spec(value) for key, value in self.spec.items()}
-
-    def _decode(self, stem: str, ext: str, data: bytes):
-        key = stem if "." in stem else f"{stem}.{ext}"
-        try:
-            kind, value = decode_value(ext, data)
-        except Exception as exn:  # noqa: BLE001 - corrupt image, bad int, bad json, not UTF-8
-            return None, f"cannot decode {key} ({_describe(exn)})", exn
-        compiled = self._compiled.get(key)
-        if compiled is not None and fits(kind, value, compiled):
-            return (kind, value), None, None
-        why = check_value(key, kind, value, self.spec.get(key))  # the reason, or a spec to learn
-        if why is None and compiled is None and self.learn:
-            self.spec[key] = spec_of(kind, value)
-            self._compiled[key] = compile_spec(self.spec[key])
-        return (kind, value), why, None
-
-    def __call__(self, src):
-        for sample in src:
-            out = {"__key__": sample["__key__"]}
-            for stem, (ext, data) in ((k, v) for k, v in sample.items() if not k.startswith("__")):
-                out[stem], why, exn = self._decode(stem, ext, data)
-                if why is not None:
-                    self.errors.sample(sample["__url__"], sample["__key__"], why, exn)
-                    break
-            else:
-                yield out
-
-
-def collate(samples: list[dict]) -> dict:
-    """Stage ``batch`` (collation): stack images/arrays/id lists, gather ints; other json and
-    text stay lists."""
-    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples]}
-    for stem in samples[0]:
-        if stem.startswith("__"):
-            continue
-        kind = samples[0][stem][0]
-        values = [s[stem][1] for s in samples]
-        if kind in ("image", "array"):
-            values = np.stack(values)
-        elif kind == "ints":  # equal lengths stack to (B, L); ragged lists stay a list of arrays
-            values = np.stack(values) if len({v.shape for v in values}) == 1 else values
-        elif kind == "int":
-            values = np.asarray(values, dtype=np.int64)
-        batch[stem] = (kind, values)
-    return batch
-
-
-class ToTensors:
-    """Stage ``tensors``: images -> uint8 tensors, arrays -> float32, ints and JSON lists of
-    ints (token ids) -> int64."""
-
-    def __init__(self, return_keys: bool):
-        self.return_keys = return_keys
-
-    def __call__(self, src):
-        for batch in src:
-            out = {"__key__": batch["__key__"]} if self.return_keys else {}
-            for stem, value in batch.items():
-                if stem.startswith("__"):
-                    continue
-                kind, value = value
-                if kind == "image":  # stays uint8 until the main process: see images_to_float
-                    value = torch.from_numpy(value)
-                elif kind == "array":
-                    value = torch.from_numpy(np.ascontiguousarray(value)).float()
-                elif kind in ("int", "ints"):
-                    value = (torch.from_numpy(value) if isinstance(value, np.ndarray)
-                             else [torch.from_numpy(v) for v in value])
-                out[stem] = value
-            yield out
-
-
-def images_to_float(batch: dict) -> dict:
-    """Last step, in the main process: uint8 image tensors -> float32 in [0, 1]. Images cross
-    the worker -> main pipe as uint8 (4× less data; measurably faster with workers), and numpy
-    converts ~50× faster than torch's ``.float()`` on a 2-thread CPU."""
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.dtype == torch.uint8:
-            batch[name] = torch.from_numpy(np.multiply(value.numpy(), np.float32(1 / 255), dtype=np.float32))
-    return batch
 
 
 class TakeQuota:

@@ -107,17 +107,6 @@ def _sample_size(sample: Mapping[str, Any]) -> int:
     return sum(512 + -(-len(v) // 512) * 512 for k, v in sample.items() if not k.startswith("__"))
 
 
-def _progress(enabled: bool):
-    """A rich progress bar (with ETA) on stderr, or a no-op when disabled."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("eta"), TimeRemainingColumn(), TimeElapsedColumn(),
-                    console=Console(stderr=True), disable=not enabled, transient=False)
-
-
 def _remove_stale(out_dir: Path, split: str, keep: set[str]) -> None:
     """Delete ``{split}-NNNNNN.tar`` files of an earlier, larger build (and temporary files a
     killed build left) so that the folder only holds what the new manifest lists."""
@@ -150,8 +139,10 @@ def write_shards(samples_iter: Iterable[Mapping[str, Any]], out_dir, split: str,
     shards: list[dict] = []
     current: _ShardFile | None = None
     written = 0
+    from mmvae.log import progress_bar  # rich loads only when shards are written
+
     try:
-        with _progress(progress) as bar:
+        with progress_bar(progress) as bar:
             task = bar.add_task(f"writing {split} shards", total=total)
             for sample in samples_iter:
                 sample = _as_bytes(sample)

@@ -31,7 +31,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
-from mmvae.ranks import SINGLE, Ranks  # noqa: F401 - the evaluation's entry point imports them here
+from mmvae.ranks import SINGLE, Ranks  # noqa: F401 - re-exported for the evaluation's callers
 
 
 def batch_seed(seed: int, index: int, stream: int = 0) -> int:

@@ -1,6 +1,6 @@
-"""The trainer's distributed concerns: the Accelerator, the rank layout, particle groups,
-trackers. The collectives (gather, broadcast, any, sum) are `mmvae.ranks.Ranks`, which the
-evaluation (below train) shares; the functions here apply them with the trainer's Accelerator.
+"""The trainer's distributed concerns: the Accelerator, the rank layout, particle groups.
+The collectives (gather, broadcast, any, sum) are `mmvae.ranks.Ranks`, which the evaluation
+(below train) shares; the functions here apply them with the trainer's Accelerator.
 
 World = data-parallel groups x P particle shards. Ranks g*P .. g*P+P-1 form particle group g:
 they read the same batch (data-parallel rank g) and split its K particles (shard index
@@ -8,12 +8,8 @@ rank % P). Everything else asks this module for `Layout` and never reads rank va
 """
 from __future__ import annotations
 
-import json
 import os
-import re
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -79,6 +75,13 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return acc
 
 
+def make_eval_accelerator() -> Accelerator:
+    """The evaluation's Accelerator: no precision, trackers or DeepSpeed settings (evaluation
+    runs the networks in fp32 and logs nothing to W&B); CPU runs use gloo as in
+    `make_accelerator` (ENVIRONMENT.md)."""
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
 def autocast(accelerator: Accelerator):
     """The networks' mixed precision. Accelerate's autocast, except under DeepSpeed, where it does
     nothing (the engine holds bf16/fp16 weights itself): there torch's autocast casts the fp32
@@ -138,79 +141,3 @@ def any_rank(flag: bool, accelerator: Accelerator) -> bool:
 
 def all_sum(values: list[float], accelerator: Accelerator) -> list[float]:
     return accelerator_ranks(accelerator).all_sum(values, accelerator.device)
-
-
-def wandb_mode(requested: str, warn: bool = True) -> str:
-    """online without credentials falls back to offline with one warning (no network here)."""
-    if requested != "online":
-        return requested
-    has_key = os.environ.get("WANDB_API_KEY") or (Path.home() / ".netrc").is_file()
-    if not has_key:
-        if warn:
-            warnings.warn("logging.wandb=online but no W&B credentials: logging offline "
-                          "(upload later with `wandb sync`)", stacklevel=2)
-        return "offline"
-    return requested
-
-
-class Tracker:
-    """The Accelerator's W&B tracker behind a guard: a tracker call that raises mid-run (server
-    gone, wandb process died) warns once and logging to W&B stops; training goes on, and
-    RUN_DIR/metrics.jsonl still gets every event."""
-
-    def __init__(self, accelerator: Accelerator, enabled: bool):
-        self.accelerator, self.enabled = accelerator, enabled
-
-    def log(self, values: dict, step: int) -> None:
-        self._guard(lambda: self.accelerator.log(values, step=step))
-
-    def log_images(self, paths, step: int) -> None:
-        """PNGs as W&B images and caption tables (``*_captions.json``, written by
-        `mmvae.eval.pictures`) as W&B tables: recon_003.png -> images/recon,
-        prior_003_svhn.png -> images/prior_svhn, recon_003_captions.json -> captions/recon."""
-        def log():
-            import wandb
-
-            run = self.accelerator.get_tracker("wandb", unwrap=True)
-            key = lambda p: re.sub(r"_\d{3}", "", Path(p).stem, count=1)  # noqa: E731
-            values = {"images/" + key(p): wandb.Image(str(p)) for p in paths if str(p).endswith(".png")}
-            for p in (p for p in paths if str(p).endswith("_captions.json")):
-                table = json.loads(Path(p).read_text())
-                values["captions/" + key(p).removesuffix("_captions")] = wandb.Table(
-                    columns=table["columns"], data=table["data"])
-            run.log(values, step=step)
-        self._guard(log)
-
-    def finish(self) -> None:
-        """Close the W&B run (guarded); `release` then ends the Accelerator without them."""
-        trackers, self.accelerator.trackers = self.accelerator.trackers, []
-        self._guard(lambda: [tracker.finish() for tracker in trackers])
-
-    def _guard(self, call) -> None:
-        if not (self.enabled and self.accelerator.is_main_process):
-            return
-        try:
-            call()
-        except Exception as err:  # noqa: BLE001 - any tracker failure must not stop training
-            self.enabled = False
-            warnings.warn(f"W&B logging failed ({type(err).__name__}: {err}); continuing "
-                          f"without it (metrics.jsonl has every event)", stacklevel=3)
-
-
-def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path, run_id: str) -> Tracker:
-    if cfg.logging.wandb == "disabled":
-        return Tracker(accelerator, enabled=False)
-    from mmvae.config import to_dict
-
-    mode = wandb_mode(cfg.logging.wandb, warn=accelerator.is_main_process)
-    kwargs = {"wandb": {"dir": str(run_dir), "mode": mode, "id": run_id, "resume": "allow",
-                        "name": run_dir.name}}
-    try:
-        accelerator.init_trackers(cfg.logging.project, config=to_dict(cfg), init_kwargs=kwargs)
-    except Exception as err:  # an unreachable server must not stop training
-        if mode == "offline":
-            raise
-        warnings.warn(f"W&B init failed ({err}); logging offline", stacklevel=2)
-        kwargs["wandb"]["mode"] = "offline"
-        accelerator.init_trackers(cfg.logging.project, config=to_dict(cfg), init_kwargs=kwargs)
-    return Tracker(accelerator, enabled=True)

@@ -32,13 +32,13 @@ from mmvae.data.builtin import ensure_builtin
 from mmvae.data.checks import check_shards
 from mmvae.data.store import REMOTE_SCHEMES
 from mmvae.eval import pictures
-from mmvae.log import MetricsLog, TrainProgress, console, track
+from mmvae.log import MetricsLog, Tracker, TrainProgress, console, info, start_trackers, track
 from mmvae.paths import unwritable
-from mmvae.registry import build_model, check_model_name, load_weights, save_model
+from mmvae.registry import build_model, check_model_name, load_weights, save_model, spec_of
 from mmvae.train import checkpoint as ckpt
 from mmvae.train.compiled import compile_nets
-from mmvae.train.dist import (Layout, Tracker, all_sum, any_rank, autocast, broadcast,
-                              make_accelerator, make_layout, release, start_trackers)
+from mmvae.train.dist import (Layout, all_sum, any_rank, autocast, broadcast, make_accelerator,
+                              make_layout, release)
 from mmvae.train.optim import make_optimizer
 from mmvae.train.resume import find as find_resume
 from mmvae.train.resume import keep_old_metrics
@@ -142,8 +142,8 @@ def _ensure_shards(cfg: Config, accelerator, layout: Layout) -> dict:
         raise ConfigError(f"no shards at {shards} (manifest.json missing): build them with `{hint}`")
     splits = ["train"] + (["test"] if cfg.train.test_every or cfg.train.eval_every else [])
     report = check_shards(shards, splits, verify=cfg.data.verify, on_error=cfg.data.on_error)
-    if cfg.data.verify == "sha256" and layout.is_main:
-        console.print(report.timing())
+    if cfg.data.verify == "sha256":
+        info(report.timing())
     return report.manifest
 
 
@@ -180,15 +180,14 @@ def _check_space(run_dir: Path, model: torch.nn.Module, cfg: Config) -> None:
 def _note_changes(path: Path, meta: dict, cfg: Config, layout: Layout) -> None:
     """Say what was resumed. Resuming with another config or process count is allowed but not
     exact: say so too."""
-    if layout.is_main:
-        console.print(f"resuming from {path} (step {meta['step']}, epoch {meta['epoch']})")
+    info(f"resuming from {path} (step {meta['step']}, epoch {meta['epoch']})")
     old, new = meta.get("config", {}), to_dict(cfg)
     changes = [f"{s}.{k}: {v!r} -> {new[s].get(k)!r}" for s, section in old.items()
                for k, v in section.items() if s in new and new[s].get(k) != v and s != "run"]
     if meta.get("world", layout.world) != layout.world:
         changes.append(f"processes: {meta['world']} -> {layout.world}")
-    if changes and layout.is_main:
-        console.print(f"[yellow]resuming step {meta['step']} with changes: {'; '.join(changes)}[/]")
+    if changes:
+        info(f"[yellow]resuming step {meta['step']} with changes: {'; '.join(changes)}[/]")
 
 
 def model_kwargs(cfg: Config) -> dict:
@@ -224,7 +223,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
     torch.manual_seed(cfg.train.seed)  # identical initial parameters on every rank
     model = build_model(cfg.model.name, **model_kwargs(cfg))
     if cfg.train.init_from and resume_from is None:
-        _init_from(model, cfg.train.init_from, run_dir, layout)
+        _init_from(model, cfg.train.init_from, run_dir)
     model = compile_nets(model, cfg.train.compile)
     _check_space(run_dir, model, cfg)
     meta = _check_checkpoint(resume_from, model, accelerator, layout) if resume_from else None
@@ -246,7 +245,7 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
             keep_old_metrics(run_dir / "metrics.jsonl", say=True)
     accelerator.wait_for_everyone()
     run_id = _run_id(run_dir, accelerator, layout)
-    tracker = start_trackers(accelerator, cfg, run_dir, run_id)
+    tracker = start_trackers(accelerator, cfg.logging, to_dict(cfg), run_dir, run_id)
     return Run(cfg, accelerator, layout, run_dir, model, wrapped, optimizer,
                [p for p in model.parameters() if p.requires_grad],
                looser=cfg.objective.looser and model.multimodal,
@@ -254,23 +253,22 @@ def _setup(cfg: Config, accelerator, resume: str | None) -> Run:
                tracker=tracker, state=state, session=Session(saved_at=state.position))
 
 
-def _init_from(model, source: str, run_dir: Path, layout: Layout) -> None:
+def _init_from(model, source: str, run_dir: Path) -> None:
     """Fine-tuning: a fresh run whose parameters start from saved weights. The run's own final
     model/ must not be the folder it starts from (it would be overwritten at the end)."""
     path = load_weights(model, source)
     if path.resolve() == (run_dir / "model").resolve():
         raise ConfigError(f"train.init_from={source} is the model/ this run would write at its "
                           f"end; set run.dir to a new folder")
-    if layout.is_main:
-        console.print(f"starting from the weights in {path}", soft_wrap=True)
+    info(f"starting from the weights in {path}", soft_wrap=True)
 
 
 def _check_checkpoint(path: Path, model, accelerator, layout: Layout) -> dict:
     """The checkpoint's meta.json, once it is known to be of this model and loadable here:
     DeepSpeed's shards are per rank, and need DeepSpeed and the same number of processes."""
     meta = ckpt.read_meta(path)
-    if meta["model"] != model.spec:
-        diff = {k: (meta["model"].get(k), v) for k, v in model.spec.items()
+    if meta["model"] != spec_of(model):
+        diff = {k: (meta["model"].get(k), v) for k, v in spec_of(model).items()
                 if meta["model"].get(k) != v}
         raise ConfigError(f"checkpoint {path} is of another model: {diff} "
                           f"(checkpoint, config); resume with the run's config.yaml")
@@ -379,7 +377,7 @@ def _commit(run: Run, root: Path) -> None:
             "samples_per_rank": state.batch_in_epoch * run.cfg.data.batch_size,
             "world": run.layout.world, "deepspeed": run.accelerator.state.deepspeed_plugin is not None,
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
-            "model": run.model.spec, "config": to_dict(run.cfg)}
+            "model": spec_of(run.model), "config": to_dict(run.cfg)}
     ckpt.write_meta(ckpt.tmp_dir(root, state.step), meta)
     ckpt.commit(root, state.step, run.cfg.train.keep_last)
 
@@ -451,10 +449,8 @@ def _count(state: TrainState, i: int, stats: dict) -> None:
 def _bad_step(run: Run) -> None:
     """Report a skipped update; give up after train.max_bad_steps of them in a row."""
     limit, state = run.cfg.train.max_bad_steps, run.state
-    if run.layout.is_main:
-        console.print(f"[yellow]step {state.step}: non-finite loss or gradient, update skipped "
-                      f"({state.bad_in_row} in a row of at most {limit}; {state.bad_total} in "
-                      f"all)[/]")
+    info(f"[yellow]step {state.step}: non-finite loss or gradient, update skipped "
+         f"({state.bad_in_row} in a row of at most {limit}; {state.bad_total} in all)[/]")
     if state.bad_in_row >= limit:
         kept = ckpt.latest(run.run_dir / "checkpoints")
         raise TrainingStopped(f"{state.bad_in_row} steps in a row had a non-finite loss or "
@@ -509,8 +505,8 @@ def eval_epoch(run: Run) -> dict:
                                               ranks=run.layout.ranks)
     finally:
         run.wrapped.train()
-    if skipped and run.layout.is_main and "eval" not in history:
-        console.print(f"[dim]train.eval_metrics: skipping {'; '.join(skipped)}[/dim]")
+    if skipped and "eval" not in history:
+        info(f"[dim]train.eval_metrics: skipping {'; '.join(skipped)}[/dim]")
     values = {f"{name}/{key}": value for name, result in results.items()
               for key, value in result["values"].items()}
     event = run.metrics.write(run.state.step, run.state.epoch, "eval", **values)
@@ -574,9 +570,8 @@ def _train(run: Run) -> str:
     steps_per_epoch = len(_loader(run, "train", train=True))
     total = cfg.train.epochs * steps_per_epoch
     total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    if layout.is_main:
-        console.print(f"[bold]mmvae[/] {cfg.model.name} · {cfg.objective.name} K={cfg.objective.K}"
-                      f" · {layout.world} process(es), P={layout.particle_shards} · run {run.run_dir}")
+    info(f"[bold]mmvae[/] {cfg.model.name} · {cfg.objective.name} K={cfg.objective.K}"
+         f" · {layout.world} process(es), P={layout.particle_shards} · run {run.run_dir}")
     progress = TrainProgress(cfg.logging.progress and layout.is_main, total, start=state.step)
     t0, step0 = time.perf_counter(), state.step
     try:

@@ -8,7 +8,7 @@ import contextlib
 import functools
 import hashlib
 import http.server
-import importlib.util
+import importlib
 import io
 import json
 import logging
@@ -310,11 +310,8 @@ def test_verify_lists_every_manifest_problem_and_opens_nothing(pristine, tmp_pat
 
 # --------------------------------------------------------------------------- training
 def _entry_point(name: str):
-    """main() of launch/<name>.py, in this process (launch/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    """mmvae.cli.<name>.main (what launch/<name>.py runs), in this process."""
+    return importlib.import_module(f"mmvae.cli.{name}").main
 
 
 def _train(folder, run_dir: Path, on_error: str, capsys, *extra, dataset: str = "") -> tuple[int, str]:

@@ -2,7 +2,7 @@
 an RGBA PNG), caption files with 10 lines per image in ImageFolder order."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -17,7 +17,6 @@ from mmvae.data.recipes.common import InputError
 from mmvae.data.recipes.cub import _batches, build_cub, scan_image_folder
 from mmvae.data.recipes.features import FeatureExtractor, load_resnet101, resized_size
 
-ROOT = Path(__file__).resolve().parents[2]
 # (class folder, file name, mode, fill, size): listed out of order on purpose; ImageFolder order is
 # sorted class folders, then sorted file names; "notes.txt" is not an image.
 TRAIN = [("002.Laysan_Albatross", "b.jpg", "L", 90, (40, 30)),
@@ -70,10 +69,7 @@ def simple_tokens(text: str) -> list[str]:
 
 
 def _launch():
-    spec = importlib.util.spec_from_file_location("shard_cub", ROOT / "launch" / "shard_cub.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mmvae.cli.shard_cub")
 
 
 @pytest.fixture(scope="module")

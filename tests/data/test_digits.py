@@ -1,10 +1,9 @@
 """Pairing recipe, the built-in digits dataset, ensure_builtin and launch/shard_demo.py."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,6 @@ from mmvae.data import builtin
 from mmvae.data.pipeline import make_loader
 from mmvae.data.recipes.digits import build_digits
 from mmvae.data.recipes.pairing import expected_num_pairs, pair_by_class
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def recipe_count(labels_a, labels_b, dm, cap=None):
@@ -154,10 +151,7 @@ def test_ensure_builtin_builds_once_and_rejects_unknown(tmp_path, monkeypatch):
 
 
 def _shard_demo():
-    spec = importlib.util.spec_from_file_location("shard_demo", ROOT / "launch" / "shard_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mmvae.cli.shard_demo")
 
 
 @pytest.mark.parametrize("argv, message", [

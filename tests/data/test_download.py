@@ -4,20 +4,18 @@ resumed, restarted, wrong checksum, server error, unreachable, mirrors; and the 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib
 import io
 import socket
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
 from mmvae.data import download
 from mmvae.data.download import DownloadError, Resource, fetch
 
-ROOT = Path(__file__).resolve().parents[2]
 PAYLOAD = bytes(range(256)) * 400  # 102,400 bytes: several reads of the client
 
 
@@ -190,10 +188,7 @@ def test_sha256_prefix_digest_as_torchvision_weight_names_carry(server, tmp_path
 # --- the launchers --------------------------------------------------------------------------
 
 def _launcher(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module(f"mmvae.cli.{name}").main
 
 
 def test_shard_mnist_svhn_download_fetches_checks_and_shards(server, tmp_path, monkeypatch, capsys):

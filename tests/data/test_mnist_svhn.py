@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
+import importlib
 import json
 import struct
 from pathlib import Path
@@ -17,7 +17,6 @@ from mmvae.data.recipes.common import InputError
 from mmvae.data.recipes.mnist_svhn import build_mnist_svhn
 from mmvae.data.recipes.pairing import expected_num_pairs
 
-ROOT = Path(__file__).resolve().parents[2]
 SIZES = {"train": (40, 50), "test": (20, 30)}  # (MNIST images, SVHN images)
 
 
@@ -56,10 +55,7 @@ def recipe_count(labels_a, labels_b, dm, cap):
 
 
 def _launch():
-    spec = importlib.util.spec_from_file_location("shard_mnist_svhn", ROOT / "launch" / "shard_mnist_svhn.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mmvae.cli.shard_mnist_svhn")
 
 
 @pytest.fixture(scope="module")

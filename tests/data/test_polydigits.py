@@ -1,7 +1,7 @@
 """The built-in five-modality polydigits dataset and the PolyMNIST folder recipe."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import io
 import json
 from functools import partial
@@ -20,15 +20,11 @@ from mmvae.data.recipes.digits import load_handwritten
 from mmvae.data.recipes.polydigits import MODALITIES, STYLES, build_polydigits, compose
 from mmvae.data.checks import verify_shards
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(sources_per_class=30, train_samples=200, test_samples=60, train_shards=2, test_shards=1, progress=False)
 
 
 def _launcher(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"mmvae.cli.{name}")
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,9 @@
 """The built-in CUB-shaped ``shapes`` dataset (and ``shapes_ft``), its registry entry and CLI."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,6 @@ from mmvae.data.pipeline import make_loader
 from mmvae.data.recipes import shapes
 from mmvae.data.recipes.shapes import build_shapes
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = dict(train_scenes=40, test_scenes=12, min_shards=2, progress=False)
 
 
@@ -92,10 +90,7 @@ def test_deterministic_given_the_seed(tmp_path):
 
 
 def _shard_demo():
-    spec = importlib.util.spec_from_file_location("shard_demo", ROOT / "launch" / "shard_demo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("mmvae.cli.shard_demo")
 
 
 def test_shard_demo_and_ensure_builtin_build_shapes(tmp_path, capsys, monkeypatch):

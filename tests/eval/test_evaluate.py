@@ -1,7 +1,6 @@
 """evaluate_run and launch/evaluate.py end to end: toy run, digits run, bad input, report."""
-import importlib.util
+import importlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,8 +10,6 @@ from mmvae.config import load_config, save_config
 from mmvae.eval.metrics import METRICS
 from mmvae.eval.report import render_report
 from mmvae.eval.run import evaluate_run
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def make_run(run_dir, model, overrides):
@@ -30,10 +27,7 @@ def toy_run(tmp_path, gaussian_pair):
 
 
 def evaluate_main():
-    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "launch" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return importlib.import_module("mmvae.cli.evaluate").main
 
 
 def test_toy_run_end_to_end(toy_run):

@@ -30,7 +30,7 @@ from PIL import Image
 from mmvae.data.recipes import captions as cap
 from mmvae.data.recipes.common import InputError, library_versions, save_npz
 from mmvae.data.recipes.features import FEATURE_DIM, WEIGHTS_HELP, resized_size
-from mmvae.data.writer import sha256_file, MANIFEST, _progress, write_manifest
+from mmvae.data.writer import sha256_file, MANIFEST, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,9 @@ def process_images(paths, *, extractor=None, workers: int = 0, batch_size: int =
                                          num_workers=workers, collate_fn=_keep)
     jpegs: list[bytes | None] = [None] * len(paths)
     features = np.zeros((len(paths), FEATURE_DIM), np.float32) if extractor is not None else None
-    with _progress(progress) as bar:
+    from mmvae.log import progress_bar
+
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"reading {description}" + (" + features" if extractor else ""), total=len(paths))
         for items in loader:
             for i, jpg, _, error in items:

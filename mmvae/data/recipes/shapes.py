@@ -250,7 +250,7 @@ def project_features(images: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- building
-def _scenes(split: str, num: int, seed: int, simple: bool = False):
+def scenes(split: str, num: int, seed: int, simple: bool = False):
     """(images (N, 3, 64, 64), captions (10 N), attribute arrays); scene j draws from its own
     stream (seed, split, j)."""
     sample, describe = (sample_simple_scene, simple_captions) if simple else (sample_scene, scene_captions)
@@ -283,7 +283,7 @@ def build_shapes(out_dir, *, seed: int = 0, train_scenes: int = 3000, test_scene
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    data = {split: _scenes(split, num, seed, simple) for split, num in (("train", train_scenes), ("test", test_scenes))}
+    data = {split: scenes(split, num, seed, simple) for split, num in (("train", train_scenes), ("test", test_scenes))}
     vocab = cap.build_vocab([cap.tokenize(c) for c in data["train"][1]])
     splits, sizes = {}, {}
     for split, (images, captions, attrs) in data.items():

@@ -1,9 +1,9 @@
 """Training-step throughput and peak memory of the CUB models on random data (a benchmark).
 
-    python launch/bench_cub.py                          # cubIS, dreg looser, K=50, B=64, D=64
-    python launch/bench_cub.py --k-chunk 10             # at most 10 particles alive at once
-    python launch/bench_cub.py --model cubISft
-    python launch/bench_cub.py --logits-loss            # caption loss from full logits (memory)
+    python benchmarks/bench_cub.py                          # cubIS, dreg looser, K=50, B=64, D=64
+    python benchmarks/bench_cub.py --k-chunk 10             # at most 10 particles alive at once
+    python benchmarks/bench_cub.py --model cubISft
+    python benchmarks/bench_cub.py --logits-loss            # caption loss from full logits (memory)
 
 Random images in [0, 1] / non-negative features, and captions of 8-31 random tokens + <eos> +
 <pad> over a vocabulary of --vocab-size (CUB: 1590). Prints one JSON line: samples/s,

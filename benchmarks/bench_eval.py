@@ -1,4 +1,4 @@
-"""Benchmark the evaluation: `python launch/bench_eval.py [--run RUN] [--iwae-datapoints N]`.
+"""Benchmark the evaluation: `python benchmarks/bench_eval.py [--run RUN] [--iwae-datapoints N]`.
 
 1. The full evaluation of a demo-like run (every metric of its eval section, plus overrides),
    with the seconds of each metric.

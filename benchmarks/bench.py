@@ -1,10 +1,10 @@
 """Training-step throughput and peak memory on random data (a benchmark, not a test).
 
-    python launch/bench.py                                   # mnist_svhn, dreg looser, K=30, B=128
-    python launch/bench.py objective.K=1000 objective.k_chunk=50 --steps 1 --warmup 0
-    python launch/bench.py train.mixed_precision=bf16 train.compile=true --profile
+    python benchmarks/bench.py                                   # mnist_svhn, dreg looser, K=30, B=128
+    python benchmarks/bench.py objective.K=1000 objective.k_chunk=50 --steps 1 --warmup 0
+    python benchmarks/bench.py train.mixed_precision=bf16 train.compile=true --profile
     accelerate launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no \
-        --dynamo_backend no launch/bench.py parallel.particle_shards=2 --threads 1
+        --dynamo_backend no benchmarks/bench.py parallel.particle_shards=2 --threads 1
 
 It times the trainer's own step (`mmvae.train.step.train_step`: noise, particle shards, K-chunks,
 DDP/DeepSpeed backward, optimiser) on a fixed random batch. Overrides are config keys, as for

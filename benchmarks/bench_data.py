@@ -1,8 +1,8 @@
 """Data-pipeline throughput (decoded samples/s) on shards of the real formats (a benchmark, not a test).
 
-    python launch/bench_data.py                       # 20k samples per format, workers 0 and 2
-    python launch/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
-    python launch/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
+    python benchmarks/bench_data.py                       # 20k samples per format, workers 0 and 2
+    python benchmarks/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
+    python benchmarks/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
 
 Builds, in a temporary folder, MNIST-SVHN shards with the real recipe from fake idx/.mat files
 (handwritten 8×8 digits upsampled to 28×28, rendered SVHN-like crops: PNG sizes like the real
@@ -86,7 +86,7 @@ def fake_cub(root: Path, samples: int) -> Path:
     out.mkdir()
     splits = {}
     for split, n_img in (("train", -(-samples // 10)), ("test", 100)):
-        images, captions, attrs = shapes._scenes(split, n_img, 0)
+        images, captions, attrs = shapes.scenes(split, n_img, 0)
         rng = np.random.default_rng(0)
         noisy = np.clip(images + rng.normal(0, 12, images.shape), 0, 255).astype(np.uint8)  # photo-like JPEG size
         jpegs = [cap.encode_jpeg(Image.fromarray(x.transpose(1, 2, 0))) for x in noisy]
