@@ -1,5 +1,5 @@
 """The estimator seed-study driver (launch/estimator_study.py) and its table (mmvae/eval/study.py)."""
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -13,10 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _launcher(name="estimator_study"):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", ROOT / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"mmvae.cli.{name}")
 
 
 def test_paired_differences_are_taken_seed_by_seed():

@@ -1,6 +1,5 @@
 """The gradient-SNR tool (mmvae/eval/gradsnr.py, launch/grad_snr.py) on the linear-Gaussian
 reference models, where the answers are known."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -113,9 +112,7 @@ def test_variance_decomposition_adds_up_to_the_total_variance():
 
 
 def test_cli_writes_every_estimator_and_group_and_refuses_a_missing_checkpoint(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("launch_grad_snr", ROOT / "launch" / "grad_snr.py")
-    grad_snr = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(grad_snr)
+    from mmvae.cli import grad_snr
 
     out = tmp_path / "snr.json"
     argv = ["--config", str(ROOT / "configs" / "demo.yaml"), "model.name=gaussian_pair", "model.latent_dim=2",
