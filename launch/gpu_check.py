@@ -55,8 +55,8 @@ PRECISIONS = ("no", "bf16", "fp16")
 STEP_CASES = {
     False: [("mnist_svhn_B128", "mnist_svhn", 30, 128), ("mnist_svhn_B512", "mnist_svhn", 30, 512),
             ("cubIS_B64", "cubIS", 50, 64)],
-    True: [("mnist_svhn_B128", "mnist_svhn", 2, 4), ("mnist_svhn_B512", "mnist_svhn", 2, 8),
-           ("cubIS_B64", "cubIS", 2, 2)],
+    # the dry run checks the code paths, which B512 shares with B128 at tiny sizes
+    True: [("mnist_svhn_B128", "mnist_svhn", 2, 4), ("cubIS_B64", "cubIS", 2, 2)],
 }
 MODEL_OVERRIDES = {"mnist_svhn": ["model.latent_dim=20"],
                    "cubIS": ["model.latent_dim=64", "model.vocab_size=1590"]}

@@ -126,17 +126,50 @@ def test_every_documented_contract_key_exists():
      "data.builtin=digits cannot be built .*afile is not a folder"),
     (["--config", "configs/demo.yaml", "--no-such-option"], "unrecognized arguments"),
 ])
-def test_train_entry_point_exits_2_and_writes_nothing(tmp_path, args, match):
+def test_train_entry_point_exits_2_and_writes_nothing(tmp_path, args, match, capfd, monkeypatch):
+    """In this process through `mmvae.cli.train.main` (each case costs no interpreter start);
+    the cases that go through the real entry point follow below."""
+    from mmvae.cli.train import main
+
+    run_dir, args = _bad_start(tmp_path, args)
+    monkeypatch.chdir(ROOT)
+    try:
+        code = main([*args, "logging.wandb=disabled"])
+    except SystemExit as exit:  # argparse's own errors (OneLineParser: one line, status 2)
+        code = exit.code
+    assert code == 2
+    _assert_one_error_line(capfd.readouterr().err, match)
+    assert not run_dir.exists() and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--config", "configs/demo.yaml", "objective.KK=1"], "unknown config key"),  # before torch
+    (["--config", "configs/demo.yaml", "run.dir=/proc/nope/run"],  # after the Accelerator
+     "run folder /proc/nope/run cannot be written: /proc does not allow new files"),
+    (["--config", "configs/demo.yaml", "--no-such-option"], "unrecognized arguments"),
+])
+def test_launch_train_exits_2_with_one_line_and_writes_nothing(tmp_path, args, match):
+    """The real entry point, `python launch/train.py`: nothing printed at import (library
+    warnings included) comes before or after the one line."""
+    run_dir, args = _bad_start(tmp_path, args)
+    proc = subprocess.run([sys.executable, "launch/train.py", *args, "logging.wandb=disabled"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    _assert_one_error_line(proc.stderr, match)
+    assert not run_dir.exists() and not (tmp_path / "shards").exists()
+
+
+def _bad_start(tmp_path, args):
     run_dir = tmp_path / "run"
     (tmp_path / "latin1.yaml").write_bytes("run:\n  experiment: café\n".encode("latin-1"))
     (tmp_path / "afile").write_text("not a folder")
     args = [a.format(tmp=tmp_path) for a in args]
     if not any(a.startswith("run.dir=") for a in args):
         args.append(f"run.dir={run_dir}")
-    proc = subprocess.run([sys.executable, "launch/train.py", *args, "logging.wandb=disabled"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return run_dir, args
+
+
+def _assert_one_error_line(stderr: str, match: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert re.match(r"(train.py: )?error: ", lines[0]) and re.search(match, lines[0]), lines[0]
-    assert not run_dir.exists() and not (tmp_path / "shards").exists()
