@@ -70,7 +70,11 @@ def test_ctrl_c_during_training_is_one_line_and_keeps_the_checkpoints(shards, tm
          "logging.progress=false", "data.batch_size=4", "model.latent_dim=4", "objective.K=2",
          "train.epochs=1000", "train.checkpoint_every=1", "train.log_every=1",
          "train.test_every=0"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        text=True,
+        # Ctrl-C's default action even where this test runs with SIGINT ignored (a suite started
+        # in the background by a non-interactive shell): the child would inherit SIG_IGN,
+        # Python would then install no KeyboardInterrupt handler, and the signal would do nothing
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     try:
         deadline = time.monotonic() + 240
         while not (run_dir / "checkpoints" / "latest").is_file():
