@@ -375,8 +375,10 @@ def select(name: str, multimodal: bool, *, looser: bool = False, variant: str = 
     Always takes `xs` as a list (unimodal models get a one-element list).
     """
     if name == "elbo":
+        # One particle, no normaliser: `reducer` is accepted (the trainer always passes one)
+        # and has nothing to do; config refuses particle shards and k_chunk with the ELBO.
         fn = m_elbo if multimodal else (lambda model, xs, K=1, eps=None: elbo(model, xs[0], K, eps=eps))
-        return fn
+        return lambda model, xs, K=1, eps=None, reducer=None: fn(model, xs, K, eps=eps)
     if name == "iwae":
         return lambda model, xs, K, eps=None, reducer=None: m_iwae(
             model, xs, K, looser=looser and multimodal, eps=eps, reducer=reducer)
