@@ -262,3 +262,19 @@ def test_latents_from_a_subset_follow_that_subsets_posterior(fusion):
     subset_only = model.latents_from_subset([xs[2]], [2], 5, torch.Generator().manual_seed(0))
     assert torch.equal(subset_only, model.latents_from_subset(xs, [2], 5,
                                                               torch.Generator().manual_seed(0)))
+
+
+@pytest.mark.parametrize("fusion,S", [("moe", 5), ("mopoe", 31), ("poe", 1)])
+def test_polydigits_model_takes_five_images_under_any_fusion(fusion, S):
+    """configs/demo_poly.yaml's model with any fusion: five 3x28x28 experts m0..m4, S components
+    of K particles each, equal likelihood scaling, a finite DReG gradient at every encoder."""
+    cfg = load_config("configs/demo_poly.yaml", [f"model.fusion={fusion}", "model.latent_dim=4"])
+    assert (cfg.model.name, cfg.data.builtin) == ("polydigits", "polydigits")
+    model = mmvae.build_model("polydigits", latent_dim=4, fusion=fusion)
+    assert model.modalities == ["m0", "m1", "m2", "m3", "m4"] and model.llik_scaling == [1.0] * 5
+    xs = [torch.rand(2, 3, 28, 28) for _ in range(5)]
+    assert O.log_weights(model, xs, K=2).shape == (S, 2, 2)
+    O.m_dreg(model, xs, K=1, looser=True).sum().backward()
+    for e in model.experts:
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in e.enc.parameters())
+    assert [g.shape for g in model.generate(3)] == [(3, 3, 28, 28)] * 5
