@@ -305,3 +305,8 @@ def test_k_chunks_give_the_unchunked_value_and_gradient_for_every_fusion(fusion,
     for a, b in zip(g_chunk, g_full):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
     assert all(g.abs().sum() > 0 for g in g_full)  # encoders, decoders and the prior all move
+
+
+def test_building_a_model_with_an_unknown_fusion_names_the_valid_ones():
+    with pytest.raises(ConfigError, match="model.fusion='mvae' is not a fusion; valid: moe, mopoe, poe"):
+        mmvae.build_model("gaussian_pair", fusion="mvae")

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from mmvae.config import ConfigError
 from mmvae.dists import Family, get_family
 
 Subsets = list[tuple[int, ...]]
@@ -95,7 +96,7 @@ FUSIONS: dict[str, Fusion] = {
 
 def get_fusion(name: str) -> Fusion:
     if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; valid: {', '.join(FUSIONS)}")
+        raise ConfigError(f"model.fusion={name!r} is not a fusion; valid: {', '.join(FUSIONS)}")
     return FUSIONS[name]
 
 
@@ -113,8 +114,6 @@ def family_for(fusion: Fusion, default: str) -> str:
 def require_moe(cfg) -> None:
     """Models without a fusion choice (one modality; CUB's mixed families) accept only moe."""
     if cfg.fusion != "moe":
-        from mmvae.config import ConfigError
-
         raise ConfigError(f"model.fusion={cfg.fusion!r} does not apply to model {cfg.name!r}; "
                           f"fusions are for mnist_svhn, polydigits and gaussian_pair: set "
                           f"model.fusion=moe")
