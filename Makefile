@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-cub test install bench clean
+.PHONY: demo demo-poly demo-cub test install bench clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ demo: $(STAMP)
 	run=$$($(BIN)/python launch/train.py --config configs/demo.yaml | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "demo run: $$run  (config.yaml, metrics.jsonl, images/, model/, eval.json, report.md)"
+
+# FUSION=mopoe|poe picks another joint posterior (configs/demo_poly.yaml: moe).
+demo-poly: $(STAMP)
+	@set -e; \
+	run=$$($(BIN)/python launch/train.py --config configs/demo_poly.yaml $(if $(FUSION),model.fusion=$(FUSION)) | tail -n 1 | cut -d' ' -f2); \
+	$(BIN)/python launch/evaluate.py --run $$run; \
+	echo "five-modality demo run: $$run  (config.yaml, metrics.jsonl, images/, eval.json, report.md)"
 
 demo-cub: $(STAMP)
 	@set -e; \

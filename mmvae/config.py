@@ -50,8 +50,8 @@ def parse_yaml(text: str):
 @dataclass
 class ModelConfig:
     name: str = "mnist_svhn"
-    """Model in the registry (`mmvae.registry.MODELS`): mnist, svhn, mnist_svhn, cubIS, cubISft,
-    cub_image, cub_image_ft, cub_sentence, gaussian, gaussian_pair."""
+    """Model in the registry (`mmvae.registry.MODELS`): mnist, svhn, mnist_svhn, polydigits,
+    cubIS, cubISft, cub_image, cub_image_ft, cub_sentence, gaussian, gaussian_pair."""
     latent_dim: int = 20
     """Latent dimension D (paper: 20 for MNIST-SVHN, 64 for CUB)."""
     learn_prior: bool = False
@@ -66,6 +66,14 @@ class ModelConfig:
     vocab_size: int = 0
     """Caption vocabulary size of the CUB sentence models; 0 = read it from the shards'
     vocab.json (never hard-coded)."""
+    fusion: str = "moe"
+    """Joint posterior of a multimodal model (mnist_svhn, polydigits, gaussian_pair): moe
+    (MMVAE, the mixture of experts) | mopoe (mixture of the products of experts of every
+    non-empty subset, Sutter et al. 2021) | poe (MVAE: product with a prior expert, Wu & Goodman
+    2018). mopoe and poe use Normal posteriors and prior (a product of experts is closed form only
+    for Gaussians)."""
+    num_modalities: int = 2
+    """Modalities of gaussian_pair (x1 .. xM); the others have their data's modalities."""
     paper_token_loss: bool = False
     """Caption likelihood: false scores real tokens and <eos> only; true reproduces the paper
     code (ignores <exc>, scores <pad>)."""
@@ -253,7 +261,12 @@ PERIODIC_METRICS = ("likelihood", "coherence", "subset_coherence", "subset_laten
 `mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
 config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
+FUSIONS = ("moe", "mopoe", "poe")
+"""`model.fusion` names: the keys of `mmvae.models.fusions.FUSIONS` (listed here because config
+sits below models; tests/test_fusions.py checks that the two agree)."""
+
 CHOICES = {
+    "model.fusion": FUSIONS,
     "objective.name": ("elbo", "iwae", "dreg"),
     "objective.dreg_variant": ("unbiased", "paper", "stl"),
     "data.on_error": ("skip", "raise"),
@@ -263,7 +276,8 @@ CHOICES = {
     "eval.coherence_pairs": ("auto", "unique", "shards"),
     "eval.embedding": ("umap", "tsne", "pca"),
 }
-POSITIVE = ("model.latent_dim", "objective.K", "train.lr", "train.adam_eps", "data.batch_size",
+POSITIVE = ("model.latent_dim", "model.num_modalities", "objective.K", "train.lr",
+            "train.adam_eps", "data.batch_size",
             "parallel.particle_shards",
             "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
             "eval.likelihood_batch", "eval.coherence_samples", "eval.plot_batch",

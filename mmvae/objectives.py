@@ -82,7 +82,7 @@ class Particles:
     """Everything an estimator needs about the M*K particles of a batch.
 
     z: (M, K, B, D) particles on the reparameterisation path (gradient reaches the encoders).
-    posts: per expert (loc, scale), each (B, D).
+    posts: per posterior component (loc, scale), each (B, D) (the experts for moe).
     log_joint: (M, K, B) log p(z) + sum_d lambda_d log p_d(x_d|z), with z attached.
     """
 
@@ -97,35 +97,39 @@ def _as_list(x) -> list[torch.Tensor]:
 
 
 def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None) -> Particles:
-    """Encode, reparameterise K particles per expert and score them under every decoder.
+    """Encode, reparameterise K particles per posterior component and score them under every
+    decoder.
 
-    All M*K*B particles go through each decoder in one call. `eps` (a list of (K, B, D) standard
-    noise tensors, one per expert) fixes the noise; otherwise K particles are drawn.
+    The components are the experts for the mixture of experts, and in general whatever the
+    model's fusion makes of the experts' posteriors (`mmvae.models.fusions`: subset products of
+    experts for mopoe, the full product for poe); S of them. All S*K*B particles go through each
+    decoder in one call. `eps` (a list of (K, B, D) standard noise tensors, one per component)
+    fixes the noise; otherwise K particles are drawn.
     """
     experts = model.experts
     if eps is None:
         eps = model.sample_noise(K, xs[0].shape[0], device=xs[0].device)
-    posts = [e.posterior(x) for e, x in zip(experts, xs)]
-    z = _reparam(model, posts, eps)  # (M, K, B, D)
+    posts = model.components([e.posterior(x) for e, x in zip(experts, xs)])
+    z = _reparam(model, posts, eps)  # (S, K, B, D)
     prior_loc, prior_scale = model.prior_params()
-    log_joint = log_sum(model.prior_family.log_prob(z, prior_loc, prior_scale))  # (M, K, B)
+    log_joint = log_sum(model.prior_family.log_prob(z, prior_loc, prior_scale))  # (S, K, B)
     for lam, expert, x in zip(model.llik_scaling, experts, xs):
         log_joint = log_joint + lam * expert.log_likelihood(x, z)
     return Particles(z, posts, log_joint, eps)
 
 
 def _reparam(model, posts, eps) -> torch.Tensor:
-    return torch.stack([e.posterior_family.reparam(loc, scale, n)
-                        for e, (loc, scale), n in zip(model.experts, posts, eps)])
+    return torch.stack([family.reparam(loc, scale, n)
+                        for family, (loc, scale), n in zip(model.component_families(), posts, eps)])
 
 
 def log_q_matrix(model, z: torch.Tensor, posts, detach_params: bool) -> torch.Tensor:
-    """log q_m(z_rk | x_m) for every expert m and particle: (M_m, M_r, K, B)."""
+    """log q_m(z_rk) for every component m (of the S in `posts`) and particle: (S_m, S_r, K, B)."""
     rows = []
-    for expert, (loc, scale) in zip(model.experts, posts):
+    for family, (loc, scale) in zip(model.component_families(), posts):
         if detach_params:
             loc, scale = loc.detach(), scale.detach()
-        rows.append(log_sum(expert.posterior_family.log_prob(z, loc, scale)))
+        rows.append(log_sum(family.log_prob(z, loc, scale)))
     return torch.stack(rows)
 
 
@@ -196,6 +200,22 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     With M = 1, alpha = 1 and this is DReG: w~^2 on the path, nothing else for the encoder.
     The path reweighting is a gradient hook on the very z the log-weights are computed from (the
     paper code's hook sat on a copy that is not on the loss path, and never fired).
+
+    **Any fusion** (`mmvae.models.fusions`): "expert r" above is mixture component r with
+    parameters psi_r = (loc_r, scale_r), M the number S of components; for mopoe psi_s is the
+    product of the prior and the experts of subset s, a function of several encoders (and of the
+    prior's parameters). The derivation holds per component, so it holds there unchanged:
+    the IWAE gradient is sum_{r,k} w dl(z_rk)/dphi, where l depends on phi along the path
+    z_rk = loc_r + scale_r eps_rk and, with z fixed, through the mixture density, whose score
+    is sum_m alpha_m(z) d log q_m(z)/dpsi_m dpsi_m/dphi. The reparameterisation identity
+    E_{eps_r}[h(z_rk) d log q_r(z_rk)/dpsi_r] = E[dh/dz dz_rk/dpsi_r], with h = w~ alpha_r and
+    the other particles fixed, needs only that z_rk is reparameterised by psi_r; it turns the
+    m = r part of the score into the path terms above, and the chain rule through psi_r (linear
+    in the per-component gradients) carries both to every encoder that component r depends on.
+    The m != r parts stay score terms, now reaching the encoders of subset m. A parameter of
+    both p(z) and the components (a learned prior under a product fusion) gets its p(z) part as
+    theta (sum w grad log p, z fixed) and its component part as above. Checked like MoE: an
+    fp64 formula test and z-tests against the IWAE gradient (tests/test_fusions.py).
     """
     if variant not in VARIANTS:
         raise ValueError(f"dreg variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -280,6 +300,11 @@ def elbo(model, x, K: int = 1, *, eps=None) -> torch.Tensor:
 
 
 def m_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+    """The multimodal ELBO of the model's fusion (`ELBOS`), shape (B,)."""
+    return ELBOS[model.fusion.name](model, xs, eps=eps)
+
+
+def moe_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
     """The paper's multimodal ELBO with one particle per expert, z_d ~ q_d (REFERENCE.md §3):
 
     (1/M) [ sum_r sum_d W_rd lambda_d log p_d(x_d | z_d) - sum_r KL(q_r || p) ],
@@ -312,6 +337,59 @@ def m_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
     return total / M
 
 
+def _subset_elbos(model, xs, subsets, noise, own_only: bool) -> torch.Tensor:
+    """Per subset s: sum_d lambda_d log p_d(x_d | z) - KL(q_s || p) with one particle
+    z ~ q_s (the fusion's component for s) and the analytic KL: (S, B). `own_only` scores only
+    the modalities of s (MVAE), otherwise all of them."""
+    posts = [e.posterior(x) for e, x in zip(model.experts, xs)]
+    comps = model.components(posts, subsets)
+    families = model.component_families(subsets)
+    z = torch.stack([f.reparam(loc, scale, n[0])
+                     for f, (loc, scale), n in zip(families, comps, noise)])  # (S, B, D)
+    prior_loc, prior_scale = model.prior_params()
+    rows = [-log_sum(kl(f, loc, scale, model.prior_family, prior_loc, prior_scale))
+            for f, (loc, scale) in zip(families, comps)]  # per subset (B,)
+    for d, (lam, expert, x) in enumerate(zip(model.llik_scaling, model.experts, xs)):
+        scored = [i for i, s in enumerate(subsets) if d in s or not own_only]
+        llik = expert.log_likelihood(x, z[scored])  # one decoder call: (len(scored), B)
+        for j, i in enumerate(scored):
+            rows[i] = rows[i] + lam * llik[j]
+    return torch.stack(rows)
+
+
+def mixture_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+    """ELBO of a uniform mixture of S components (MoPoE's subset PoEs), stratified: one particle
+    from each component, shape (B,):
+
+        (1/S) sum_s [ sum_d lambda_d log p_d(x_d | z_s) - KL(q_s || p) ],   z_s ~ q_s.
+
+    Its expectation is below the ELBO of the mixture itself, since the entropy of a mixture is
+    at least the mean entropy of its components (MoPoE's objective, Sutter et al. 2021)."""
+    xs = _as_list(xs)
+    noise = eps if eps is not None else model.sample_noise(1, xs[0].shape[0],
+                                                           device=xs[0].device)
+    subsets = model.fusion.subsets(len(xs))
+    return _subset_elbos(model, xs, subsets, noise, own_only=False).mean(0)
+
+
+def subsets_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+    """MVAE's training objective (Wu & Goodman 2018): the sum of the ELBOs of the fusion's
+    `elbo_subsets` (the joint PoE and every single modality), each scoring only the modalities
+    it is given, shape (B,). The paper adds random subsets too; these fixed ones keep the
+    objective deterministic given the noise. Every subset uses the same standard noise (one
+    particle per datapoint): each term is still an unbiased estimate of its own ELBO."""
+    xs = _as_list(xs)
+    noise = eps if eps is not None else model.sample_noise(1, xs[0].shape[0],
+                                                           device=xs[0].device)
+    subsets = model.fusion.elbo_subsets(len(xs))
+    return _subset_elbos(model, xs, subsets, [noise[0]] * len(subsets), own_only=True).sum(0)
+
+
+ELBOS = {"moe": moe_elbo, "mopoe": mixture_elbo, "poe": subsets_elbo}
+"""The ELBO of each fusion (`mmvae.models.fusions.FUSIONS`), the `elbo` objective of a
+multimodal model."""
+
+
 # --- selection ---------------------------------------------------------------------------------
 
 def select(name: str, multimodal: bool, *, looser: bool = False, variant: str = "unbiased"):
@@ -320,8 +398,10 @@ def select(name: str, multimodal: bool, *, looser: bool = False, variant: str = 
     Always takes `xs` as a list (unimodal models get a one-element list).
     """
     if name == "elbo":
+        # One particle, no normaliser: `reducer` is accepted (the trainer always passes one)
+        # and has nothing to do; config refuses particle shards and k_chunk with the ELBO.
         fn = m_elbo if multimodal else (lambda model, xs, K=1, eps=None: elbo(model, xs[0], K, eps=eps))
-        return fn
+        return lambda model, xs, K=1, eps=None, reducer=None: fn(model, xs, K, eps=eps)
     if name == "iwae":
         return lambda model, xs, K, eps=None, reducer=None: m_iwae(
             model, xs, K, looser=looser and multimodal, eps=eps, reducer=reducer)

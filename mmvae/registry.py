@@ -21,6 +21,7 @@ MODELS: dict[str, Callable[[ModelConfig], torch.nn.Module]] = {
     "mnist": digits.build_mnist,
     "svhn": digits.build_svhn,
     "mnist_svhn": digits.build_mnist_svhn,
+    "polydigits": digits.build_polydigits,
     "gaussian": toy.build_gaussian,
     "gaussian_pair": toy.build_gaussian_pair,
     "cub_image": cub.build_cub_image,

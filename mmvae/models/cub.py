@@ -20,6 +20,7 @@ import torch
 from mmvae.config import ConfigError
 from mmvae.dists import ETA
 from mmvae.models.captions import CaptionLikelihood
+from mmvae.models.fusions import require_moe
 from mmvae.models.mmvae import MMVAE
 from mmvae.models.vae import VAE, LocScaleLikelihood, default_llik_scaling
 from mmvae.nets import cub_feature, cub_image, cub_sentence
@@ -71,19 +72,23 @@ def _caption_vae(cfg, width: str) -> CaptionVAE:
 
 
 def build_cub_image(cfg) -> VAE:
+    require_moe(cfg)
     return _softplus_vae("image", cub_image, cfg, "laplace")
 
 
 def build_cub_image_ft(cfg) -> VAE:
+    require_moe(cfg)
     return _softplus_vae("feature", cub_feature, cfg, "normal")
 
 
 def build_cub_sentence(cfg) -> CaptionVAE:
+    require_moe(cfg)
     return _caption_vae(cfg, "cub_sentence")
 
 
 def build_cubIS(cfg) -> MMVAE:
     """Images + captions; mixed posterior families under a Laplace D*softmax+eta prior."""
+    require_moe(cfg)
     vaes = [build_cub_image(cfg), _caption_vae(cfg, "cub_sentence")]
     scaling = default_llik_scaling([v.data_shape for v in vaes], cfg.llik_scaling)
     return MMVAE(vaes, latent_dim=cfg.latent_dim, prior="laplace", prior_scale="softmax",
@@ -92,6 +97,7 @@ def build_cubIS(cfg) -> MMVAE:
 
 def build_cubISft(cfg) -> MMVAE:
     """ResNet features + captions (wider caption net); Normal softplus+eta prior."""
+    require_moe(cfg)
     vaes = [build_cub_image_ft(cfg), _caption_vae(cfg, "cub_sentence_ft")]
     scaling = default_llik_scaling([v.data_shape for v in vaes], cfg.llik_scaling)
     return MMVAE(vaes, latent_dim=cfg.latent_dim, prior="normal", prior_scale="softplus",

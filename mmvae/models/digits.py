@@ -1,32 +1,51 @@
-"""MNIST, SVHN and MNIST-SVHN models (REFERENCE.md §2)."""
+"""MNIST, SVHN and MNIST-SVHN models (REFERENCE.md §2), and the five-modality polydigits model."""
 from __future__ import annotations
 
+from mmvae.models.fusions import family_for, fusion_for, require_moe
 from mmvae.models.mmvae import MMVAE
 from mmvae.models.vae import VAE, LocScaleLikelihood, default_llik_scaling
-from mmvae.nets import mnist, svhn
+from mmvae.nets import mnist, polydigits, svhn
 
 LIKELIHOOD_SCALE = 0.75  # fixed Laplace scale after the paper code's issue #2 fix
 
 
-def _image_vae(modality, net, cfg, **nets_kwargs) -> VAE:
+def _image_vae(modality, net, cfg, family: str = "laplace", **nets_kwargs) -> VAE:
+    """A Laplace image VAE (Normal under a product fusion: `family`)."""
     return VAE(modality=modality, encoder=net.Encoder(cfg.latent_dim, **nets_kwargs),
                decoder=net.Decoder(cfg.latent_dim, **nets_kwargs), data_shape=net.DATA_SHAPE,
-               latent_dim=cfg.latent_dim, prior="laplace", posterior="laplace",
+               latent_dim=cfg.latent_dim, prior=family, posterior=family,
                posterior_scale="softmax", prior_scale="softmax", prior_eta=0.0,
                likelihood=LocScaleLikelihood("laplace", LIKELIHOOD_SCALE),
                learn_prior=cfg.learn_prior)
 
 
 def build_mnist(cfg) -> VAE:
+    require_moe(cfg)
     return _image_vae("mnist", mnist, cfg, num_hidden_layers=cfg.num_hidden_layers)
 
 
 def build_svhn(cfg) -> VAE:
+    require_moe(cfg)
     return _image_vae("svhn", svhn, cfg)
 
 
 def build_mnist_svhn(cfg) -> MMVAE:
-    vaes = [build_mnist(cfg), build_svhn(cfg)]
+    fusion = fusion_for(cfg)
+    family = family_for(fusion, "laplace")
+    vaes = [_image_vae("mnist", mnist, cfg, family, num_hidden_layers=cfg.num_hidden_layers),
+            _image_vae("svhn", svhn, cfg, family)]
     scaling = default_llik_scaling([mnist.DATA_SHAPE, svhn.DATA_SHAPE], cfg.llik_scaling)
-    return MMVAE(vaes, latent_dim=cfg.latent_dim, prior="laplace", prior_scale="softmax",
-                 prior_eta=0.0, learn_prior=cfg.learn_prior, llik_scaling=scaling)
+    return MMVAE(vaes, latent_dim=cfg.latent_dim, prior=family, prior_scale="softmax",
+                 prior_eta=0.0, learn_prior=cfg.learn_prior, llik_scaling=scaling, fusion=fusion)
+
+
+def build_polydigits(cfg) -> MMVAE:
+    """Five 3x28x28 image VAEs (m0..m4: polydigits or PolyMNIST) under `model.fusion`; Laplace
+    posteriors and prior as the digit models (Normal for the product fusions), the fixed
+    Laplace(., 0.75) likelihood, and no likelihood rescaling (the modalities have one size)."""
+    fusion = fusion_for(cfg)
+    family = family_for(fusion, "laplace")
+    vaes = [_image_vae(f"m{i}", polydigits, cfg, family) for i in range(5)]
+    scaling = default_llik_scaling([polydigits.DATA_SHAPE] * 5, cfg.llik_scaling)
+    return MMVAE(vaes, latent_dim=cfg.latent_dim, prior=family, prior_scale="softmax",
+                 prior_eta=0.0, learn_prior=cfg.learn_prior, llik_scaling=scaling, fusion=fusion)

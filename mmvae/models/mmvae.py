@@ -1,14 +1,17 @@
-"""The mixture-of-experts multimodal VAE (Shi et al. 2019).
+"""The multimodal VAE over M experts, with the joint posterior given by a fusion.
 
-q(z|x_1..M) = (1/M) sum_m q_m(z|x_m). The mixture exists only inside the estimators, which draw K
-particles from each expert (stratified sampling) and evaluate the mixture density at every one.
+Default fusion `moe` (Shi et al. 2019): q(z|x_1..M) = (1/M) sum_m q_m(z|x_m). The other fusions
+(`mmvae.models.fusions`: mopoe, poe) make q(z|X) a uniform mixture of other *components*
+(products of experts over subsets). The mixture exists only inside the estimators, which draw K
+particles from each component (stratified sampling) and evaluate the mixture density at every one.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from mmvae.dists import SCALES, get_family
+from mmvae.dists import SCALES, Family, get_family
+from mmvae.models.fusions import FUSIONS, Fusion
 from mmvae.models.vae import VAE, LatentModel
 
 
@@ -17,10 +20,16 @@ class MMVAE(LatentModel):
 
     def __init__(self, vaes: list[VAE], *, latent_dim: int, prior: str = "laplace",
                  prior_scale: str = "softmax", prior_eta: float = 0.0, prior_init: float = 0.0,
-                 learn_prior: bool = False, llik_scaling: list[float]):
+                 learn_prior: bool = False, llik_scaling: list[float],
+                 fusion: Fusion = FUSIONS["moe"]):
         super().__init__()
         self.vaes = nn.ModuleList(vaes)
         self.latent_dim = latent_dim
+        self.fusion = fusion
+        if fusion.product and not (prior == "normal" and all(
+                v.posterior_family.name == "normal" for v in vaes)):
+            raise ValueError(f"fusion {fusion.name} multiplies Gaussian experts: build the "
+                             f"model with Normal posteriors and a Normal prior")
         self.prior_family = get_family(prior)
         self._prior_scale, self._prior_eta = SCALES[prior_scale], prior_eta
         self.register_buffer("prior_loc", torch.zeros(1, latent_dim))
@@ -43,3 +52,36 @@ class MMVAE(LatentModel):
     @property
     def llik_scaling(self) -> list[float]:
         return self._llik_scaling
+
+    # --- the joint posterior as a mixture of components (mmvae.models.fusions) ---------------
+    def components(self, posts, subsets=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(loc, scale) of each mixture component from the experts' posteriors `posts`."""
+        return self.fusion.components(posts, self.prior_params(), subsets)
+
+    def component_families(self, subsets=None) -> list[Family]:
+        return self.fusion.families([e.posterior_family for e in self.experts], subsets)
+
+    @torch.no_grad()
+    def latents_from_subset(self, xs: list[torch.Tensor], subset, K: int,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+        """K draws of z given only the modalities in `subset` (indices into `modalities`):
+        (K, B, D). `xs` holds every modality (only the subset's are read) or just the subset's.
+
+        A mixture fusion (moe) draws from the uniform mixture of the subset's experts; a product
+        fusion (poe, mopoe) from the PoE of the prior and the subset's experts, which is what
+        MVAE and MoPoE condition on."""
+        subset = list(subset)
+        given = xs if len(xs) == len(subset) else [xs[i] for i in subset]
+        posts = {i: self.experts[i].posterior(x) for i, x in zip(subset, given)}
+        B, device = given[0].shape[0], given[0].device
+        if self.fusion.product:
+            loc, scale = self.fusion.components([posts[i] for i in subset], self.prior_params(),
+                                                [tuple(range(len(subset)))])[0]
+            eps = get_family("normal").noise((K, B, self.latent_dim), generator, device)
+            return loc + scale * eps
+        pick = torch.randint(len(subset), (K, B), generator=generator, device=device)
+        z = torch.stack([self.experts[i].posterior_family.reparam(
+            *posts[i], self.experts[i].posterior_family.noise((K, B, self.latent_dim),
+                                                              generator, device))
+            for i in subset])  # (|subset|, K, B, D)
+        return z.gather(0, pick[None, ..., None].expand(1, K, B, self.latent_dim))[0]

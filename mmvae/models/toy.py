@@ -1,13 +1,16 @@
 """Linear-Gaussian reference models with an exact log-likelihood: the estimator test bed.
 
 `gaussian`:      z ~ N(0, s^2 I_D), x = W z + b + N(0, sigma^2 I_n).
-`gaussian_pair`: one z, two modalities x_m = W_m z + b_m + N(0, sigma^2 I_n), experts q_m(z|x_m).
+`gaussian_pair`: one z, M modalities x_m = W_m z + b_m + N(0, sigma^2 I_n), experts q_m(z|x_m)
+                 (`model.num_modalities`, default 2: x1, x2), under any `model.fusion`.
 
 Both train like any other model (Normal posteriors with softplus scales, a learnable prior
-scale) and add `exact_log_likelihood(x) -> (B,)` (the marginal log p(x), or log p(x_1, x_2) for
-the pair) and `sample_data(n)` (a tensor, or a list of two tensors, as the estimators take x).
+scale) and add `exact_log_likelihood(x) -> (B,)` (the marginal log p(x), or log p(x_1..x_M) for
+the pair) and `sample_data(n)` (a tensor, or a list of M tensors, as the estimators take x).
 `set_exact_posterior()` moves each encoder to the best mean-field fit of its exact posterior
-p(z|x_m), which makes IWAE with large K converge to the exact value quickly.
+p(z|x_m), which makes IWAE with large K converge to the exact value quickly. Under a product
+fusion (poe, mopoe) an expert is a likelihood factor instead: its product with the prior expert
+is that fit (same mean, same diagonal precision).
 """
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ import math
 
 import torch
 
+from mmvae.config import ConfigError
+from mmvae.models.fusions import fusion_for, require_moe
 from mmvae.models.mmvae import MMVAE
 from mmvae.models.vae import VAE, LocScaleLikelihood
 from mmvae.nets import linear
@@ -53,16 +58,23 @@ def _sample(model, n: int, generator: torch.Generator | None) -> list[torch.Tens
 
 
 @torch.no_grad()
-def _set_exact_posterior(vae: VAE, prior_scale: torch.Tensor) -> None:
-    """Encoder <- mean-field fit of p(z|x): mean Sigma W^T (x - b) / sigma^2, var 1/diag(Lambda)."""
+def _set_exact_posterior(vae: VAE, prior_scale: torch.Tensor, factor: bool = False) -> None:
+    """Encoder <- mean-field fit of p(z|x): mean Sigma W^T (x - b) / sigma^2, var 1/diag(Lambda).
+
+    `factor`: the expert of a product of experts, whose product with the prior expert
+    N(0, s^2) is that fit: precision diag(Lambda) - 1/s^2, mean scaled by diag(Lambda) / it."""
     W, b = vae.dec.linear.weight, vae.dec.linear.bias  # (n, D), (n,)
-    precision = torch.diag(prior_scale.reshape(-1) ** -2) + W.T @ W / SIGMA_X**2
+    prior_precision = prior_scale.reshape(-1) ** -2
+    precision = torch.diag(prior_precision) + W.T @ W / SIGMA_X**2
     cov = torch.linalg.inv(precision)
     A = cov @ W.T / SIGMA_X**2  # (D, n)
+    diag = precision.diagonal()
+    if factor:
+        A = (diag / (diag - prior_precision))[:, None] * A
+        diag = diag - prior_precision
     vae.enc.loc.weight.copy_(A)
     vae.enc.loc.bias.copy_(-A @ b)
-    std = precision.diagonal().rsqrt()
-    vae.enc.raw_scale.copy_(torch.log(torch.expm1(std)))  # inverse softplus (eta negligible)
+    vae.enc.raw_scale.copy_(torch.log(torch.expm1(diag.rsqrt())))  # inverse softplus
 
 
 class GaussianVAE(VAE):
@@ -87,17 +99,23 @@ class GaussianPair(MMVAE):
 
     def set_exact_posterior(self) -> None:
         for vae in self.experts:
-            _set_exact_posterior(vae, self.prior_params()[1])
+            _set_exact_posterior(vae, self.prior_params()[1], factor=self.fusion.product)
 
 
 def build_gaussian(cfg) -> GaussianVAE:
+    require_moe(cfg)
     vae = _linear_vae("x", cfg.data_dim, cfg.latent_dim, cfg.learn_prior)
     vae.__class__ = GaussianVAE
     return vae
 
 
 def build_gaussian_pair(cfg) -> GaussianPair:
-    vaes = [_linear_vae(m, cfg.data_dim, cfg.latent_dim, cfg.learn_prior) for m in ("x1", "x2")]
+    if cfg.num_modalities < 2:
+        raise ConfigError(f"model.num_modalities={cfg.num_modalities}: gaussian_pair needs at "
+                          f"least 2 (use the gaussian model for one)")
+    names = [f"x{m + 1}" for m in range(cfg.num_modalities)]
+    vaes = [_linear_vae(m, cfg.data_dim, cfg.latent_dim, cfg.learn_prior) for m in names]
     return GaussianPair(vaes, latent_dim=cfg.latent_dim, prior="normal", prior_scale="softplus",
                         prior_init=PRIOR_INIT, learn_prior=cfg.learn_prior,
-                        llik_scaling=[cfg.llik_scaling or 1.0, 1.0])
+                        llik_scaling=[cfg.llik_scaling or 1.0] + [1.0] * (len(names) - 1),
+                        fusion=fusion_for(cfg))

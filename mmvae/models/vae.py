@@ -55,10 +55,19 @@ class LatentModel(nn.Module):
 
     def sample_noise(self, K: int, B: int, generator: torch.Generator | None = None,
                      device=None) -> list[torch.Tensor]:
-        """Standard noise of K particles for each expert: a list of (K, B, D)."""
+        """Standard noise of K particles for each posterior component (the experts, for the
+        mixture of experts): a list of (K, B, D)."""
         device = device or self.prior_loc.device
-        return [e.posterior_family.noise((K, B, e.latent_dim), generator, device)
-                for e in self.experts]
+        return [family.noise((K, B, self.latent_dim), generator, device)
+                for family in self.component_families()]
+
+    def components(self, posts, subsets=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(loc, scale) of the components of q(z|X) from the experts' posteriors: one VAE's
+        posterior is its only component (MMVAE overrides this with its fusion)."""
+        return list(posts)
+
+    def component_families(self, subsets=None) -> list[Family]:
+        return [e.posterior_family for e in self.experts]
 
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:

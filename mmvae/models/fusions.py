@@ -1,0 +1,119 @@
+"""Fusions: how the experts' posteriors q_m(z|x_m) make up the joint posterior q(z|x_1..M).
+
+Every fusion here writes q(z|X) as a uniform mixture of S *components*, each a location-scale
+density over z whose parameters are functions of some experts' outputs:
+
+| fusion  | paper                         | components (subsets of the M experts)  | S       |
+|---------|-------------------------------|----------------------------------------|---------|
+| moe     | MMVAE (Shi et al. 2019)       | each expert alone: q_m                 | M       |
+| mopoe   | MoPoE (Sutter et al. 2021)    | every non-empty subset s: PoE(p, q_s)  | 2^M - 1 |
+| poe     | MVAE (Wu & Goodman 2018)      | all experts: PoE(p, q_1..q_M)          | 1       |
+
+PoE(p, q_s) is the product of the prior expert p(z) and the experts of s, renormalised. It is
+closed form only for Gaussians: precision P = 1/sigma_p^2 + sum_{m in s} 1/sigma_m^2, mean
+(mu_p/sigma_p^2 + sum_m mu_m/sigma_m^2) / P; the product fusions therefore use Normal
+posteriors and a Normal prior (`product=True`; the model builders switch the families).
+
+Because the estimators only see components (their (loc, scale), family and standard noise), one
+set of estimators serves every fusion: K particles per component (stratified sampling), the
+mixture density (1/S) sum_s q_s(z) at every particle, and the mixture DReG of
+`mmvae.objectives.m_dreg` with the components in the place of the experts (its derivation holds
+for any mixture whose components are reparameterised: see that docstring).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+from typing import Callable
+
+import torch
+
+from mmvae.config import ConfigError
+from mmvae.dists import Family, get_family
+
+Subsets = list[tuple[int, ...]]
+
+
+def singletons(M: int) -> Subsets:
+    return [(m,) for m in range(M)]
+
+
+def all_subsets(M: int) -> Subsets:
+    """Every non-empty subset of range(M), by size then lexicographically."""
+    return [s for n in range(1, M + 1) for s in combinations(range(M), n)]
+
+
+def everything(M: int) -> Subsets:
+    return [tuple(range(M))]
+
+
+def product_of_experts(posts: list[tuple[torch.Tensor, torch.Tensor]],
+                       prior: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of the Gaussian PoE of the prior expert and `posts` (each (B, D); prior (1, D))."""
+    locs = [prior[0]] + [loc for loc, _ in posts]
+    precisions = [prior[1] ** -2] + [scale ** -2 for _, scale in posts]
+    total = sum(precisions)
+    loc = sum(p * m for p, m in zip(precisions, locs)) / total
+    return loc, total.rsqrt()
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """One fusion: which subsets of experts are the mixture's components, and whether a
+    component is the product of its experts (with the prior expert) or the single expert."""
+
+    name: str
+    subsets: Callable[[int], Subsets]
+    product: bool
+    elbo_subsets: Callable[[int], Subsets] | None = None
+    """Subsets whose ELBOs are summed in training (MVAE's sub-sampled paths); None = the
+    fusion's own ELBO over its mixture (`mmvae.objectives.m_elbo`)."""
+
+    def components(self, posts, prior, subsets: Subsets | None = None):
+        """Per component (loc, scale), each (B, D): the experts of `subsets` (default: the
+        fusion's own) alone, or their PoE with the prior expert."""
+        subsets = self.subsets(len(posts)) if subsets is None else subsets
+        if not self.product:
+            if any(len(s) != 1 for s in subsets):
+                raise ValueError(f"fusion {self.name} has one expert per component")
+            return [posts[s[0]] for s in subsets]
+        return [product_of_experts([posts[m] for m in s], prior) for s in subsets]
+
+    def families(self, expert_families: list[Family], subsets: Subsets | None = None) -> list[Family]:
+        subsets = self.subsets(len(expert_families)) if subsets is None else subsets
+        if self.product:
+            return [get_family("normal")] * len(subsets)
+        return [expert_families[s[0]] for s in subsets]
+
+
+FUSIONS: dict[str, Fusion] = {
+    "moe": Fusion("moe", singletons, product=False),
+    "mopoe": Fusion("mopoe", all_subsets, product=True),
+    "poe": Fusion("poe", everything, product=True,
+                  elbo_subsets=lambda M: everything(M) + singletons(M)),
+}
+
+
+def get_fusion(name: str) -> Fusion:
+    if name not in FUSIONS:
+        raise ConfigError(f"model.fusion={name!r} is not a fusion; valid: {', '.join(FUSIONS)}")
+    return FUSIONS[name]
+
+
+def fusion_for(cfg) -> Fusion:
+    """The fusion of a multimodal model's config section (`model.fusion`)."""
+    return get_fusion(cfg.fusion)
+
+
+def family_for(fusion: Fusion, default: str) -> str:
+    """The posterior / prior family a model uses under `fusion`: its own, or Normal for the
+    product fusions (a product of experts is closed form only for Gaussians)."""
+    return "normal" if fusion.product else default
+
+
+def require_moe(cfg) -> None:
+    """Models without a fusion choice (one modality; CUB's mixed families) accept only moe."""
+    if cfg.fusion != "moe":
+        raise ConfigError(f"model.fusion={cfg.fusion!r} does not apply to model {cfg.name!r}; "
+                          f"fusions are for mnist_svhn, polydigits and gaussian_pair: set "
+                          f"model.fusion=moe")
