@@ -15,6 +15,11 @@ per-datapoint estimates are
   Like the marginal, this is a lower bound on log p(x_d) (not a conditional likelihood); it only
   uses another proposal, so the gap to ``x_{d}_from_mixture`` shows how well q_e covers p(z|x_d).
 
+Under a product fusion (``model.fusion`` poe / mopoe) the mixture proposal is the model's own
+q(z | X): the uniform mixture of its S components (products of the prior and experts), K
+particles each, so the "mixture" estimates average over S*K particles; and ``x_{d}_from_{e}``
+uses the product of the prior and expert e, which is what such a model conditions on given x_e.
+
 Unimodal models report ``iwae``: log (1/K) sum_k exp[log p(x, z_k) - log q(z_k | x)].
 
 The K particles are processed ``k_chunk`` at a time: each chunk contributes its log-sum-exp, and
@@ -30,46 +35,70 @@ import torch
 
 from mmvae.eval import eval_mode
 from mmvae.eval.distributed import batch_generator, capped_batches, sum_in_order
+from mmvae.dists import log_sum
 from mmvae.objectives import log_q_matrix
 from mmvae.ranks import SINGLE, Ranks
 
 DEFAULT_K = 1000
 
 
-def _chunk_log_sum_exps(model, xs, posts, eps) -> dict[str, torch.Tensor]:
+def _singletons(model) -> bool:
+    """Whether the proposal of the joint estimates is a mixture of the single experts (moe and
+    unimodal models); the product fusions' components are products of experts instead."""
+    fusion = getattr(model, "fusion", None)
+    return fusion is None or not fusion.product
+
+
+def _particles(families, params, eps) -> torch.Tensor:
+    return torch.stack([family.reparam(loc, scale, n)
+                        for family, (loc, scale), n in zip(families, params, eps)])
+
+
+def _chunk_log_sum_exps(model, xs, posts, eps, own_eps=None) -> dict[str, torch.Tensor]:
     """log sum_{particles of this chunk} exp(log-weight) for every estimate: each (B,).
 
-    eps: per expert (k, B, D) standard noise. Mixture estimates sum over (r, k), the unimodal
-    proposal ones over k only.
+    posts: the experts' (loc, scale); eps: per mixture component (k, B, D) standard noise (the
+    experts, for moe). Mixture estimates sum over (r, k), the unimodal proposal ones over k only.
+    own_eps (product fusions only): per expert e, the noise of the proposal q(z | x_e) = the
+    product of the prior and expert e (what the model conditions on given x_e alone).
     """
     experts, names = model.experts, model.modalities
     M = len(experts)
-    z = torch.stack([e.posterior_family.reparam(loc, scale, n)
-                     for e, (loc, scale), n in zip(experts, posts, eps)])  # (M, k, B, D)
+    comps = model.components(posts)
+    z = _particles(model.component_families(), comps, eps)  # (S, k, B, D)
     prior_loc, prior_scale = model.prior_params()
-    log_prior = model.prior_family.log_prob(z, prior_loc, prior_scale).sum(-1)  # (M, k, B)
-    llik = [e.log_likelihood(x, z) for e, x in zip(experts, xs)]  # per decoder d: (M, k, B)
-    log_q = log_q_matrix(model, z, posts, detach_params=True)  # (M_m, M_r, k, B)
+    log_prior = model.prior_family.log_prob(z, prior_loc, prior_scale).sum(-1)  # (S, k, B)
+    llik = [e.log_likelihood(x, z) for e, x in zip(experts, xs)]  # per decoder d: (S, k, B)
+    log_q = log_q_matrix(model, z, comps, detach_params=True)  # (S_m, S_r, k, B)
     if M == 1:
         return {"iwae": torch.logsumexp(log_prior + llik[0] - log_q[0], (0, 1))}  # (B,)
-    log_q_mix = torch.logsumexp(log_q, 0) - math.log(M)  # (M_r, k, B)
-    idx = torch.arange(M, device=z.device)
-    log_q_own = log_q[idx, idx]  # log q_r(z_rk | x_r): (M_r, k, B)
+    log_q_mix = torch.logsumexp(log_q, 0) - math.log(log_q.shape[0])  # (S_r, k, B)
     scaled = sum(lam * lp for lam, lp in zip(model.llik_scaling, llik))
     out = {"joint_with_lambda": torch.logsumexp(log_prior + scaled - log_q_mix, (0, 1)),
            "joint_no_lambda": torch.logsumexp(log_prior + sum(llik) - log_q_mix, (0, 1))}
+    if own_eps is None:  # the components are the experts: reuse their particles
+        idx = torch.arange(M, device=z.device)
+        own_prior, own_llik, log_q_own = log_prior, llik, log_q[idx, idx]
+    else:
+        singles = [(e,) for e in range(M)]
+        families, params = model.component_families(singles), model.components(posts, singles)
+        z_own = _particles(families, params, own_eps)  # (M_e, k, B, D)
+        own_prior = model.prior_family.log_prob(z_own, prior_loc, prior_scale).sum(-1)
+        own_llik = [e.log_likelihood(x, z_own) for e, x in zip(experts, xs)]
+        log_q_own = torch.stack([log_sum(f.log_prob(z_own[e], loc.detach(), scale.detach()))
+                                 for e, (f, (loc, scale)) in enumerate(zip(families, params))])
     for d, name_d in enumerate(names):
         out[f"x_{name_d}_from_mixture"] = torch.logsumexp(log_prior + llik[d] - log_q_mix, (0, 1))
-        own = torch.logsumexp(log_prior + llik[d] - log_q_own, 1)  # (M_e, B)
+        own = torch.logsumexp(own_prior + own_llik[d] - log_q_own, 1)  # (M_e, B)
         for e, name_e in enumerate(names):
             out[f"x_{name_d}_from_{name_e}"] = own[e]
     return out
 
 
-def _num_particles(key: str, M: int, K: int) -> int:
-    """Particles behind an estimate: M*K for the mixture proposal, K for a single encoder."""
+def _num_particles(key: str, S: int, K: int) -> int:
+    """Particles behind an estimate: S*K for the mixture proposal (S components), K for one."""
     mixture = key.startswith("joint") or key.endswith("_from_mixture")
-    return M * K if mixture else K
+    return S * K if mixture else K
 
 
 def batch_log_likelihoods(model, xs: Sequence[torch.Tensor], K: int = DEFAULT_K, *,
@@ -78,23 +107,30 @@ def batch_log_likelihoods(model, xs: Sequence[torch.Tensor], K: int = DEFAULT_K,
     """Every estimate of the module docstring for one batch: name -> (B,) tensor.
 
     xs: one tensor per modality (model.modalities order), each (B, ...). eps: optional standard
-    noise per expert, (K, B, D); drawn from `generator` otherwise. k_chunk: particles per chunk
-    (0 = all K at once).
+    noise per mixture component (the experts, for moe), (K, B, D); drawn from `generator`
+    otherwise (a product fusion then also draws the single-modality proposals' noise). k_chunk:
+    particles per chunk (0 = all K at once).
     """
     xs = list(xs)
     B, M = xs[0].shape[0], len(model.experts)
     if eps is None:
         eps = model.sample_noise(K, B, generator, device=xs[0].device)
-    K = eps[0].shape[0]
+    K, S = eps[0].shape[0], len(eps)
+    own_eps = None
+    if not _singletons(model) and M > 1:
+        own_eps = [f.noise((K, B, model.latent_dim), generator, xs[0].device)
+                   for f in model.component_families([(e,) for e in range(M)])]
     step = k_chunk if 0 < k_chunk < K else K
     with eval_mode(model):
         posts = [e.posterior(x) for e, x in zip(model.experts, xs)]  # encoders run once
         total: dict[str, torch.Tensor] = {}
         for start in range(0, K, step):
-            chunk = _chunk_log_sum_exps(model, xs, posts, [n[start:start + step] for n in eps])
+            chunk = _chunk_log_sum_exps(model, xs, posts, [n[start:start + step] for n in eps],
+                                        None if own_eps is None
+                                        else [n[start:start + step] for n in own_eps])
             for key, lse in chunk.items():
                 total[key] = lse if key not in total else torch.logaddexp(total[key], lse)
-    return {key: lse - math.log(_num_particles(key, M, K)) for key, lse in total.items()}
+    return {key: lse - math.log(_num_particles(key, S, K)) for key, lse in total.items()}
 
 
 def calculate_likelihoods(model, batches: Iterable[Sequence[torch.Tensor]], *,

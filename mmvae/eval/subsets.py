@@ -27,6 +27,7 @@ from typing import Sequence
 import torch
 
 from mmvae.eval import decode_mean
+from mmvae.models.mmvae import mixture_draws
 
 Subset = tuple[int, ...]
 
@@ -79,18 +80,7 @@ def latents_from_subset(model, xs: Sequence[torch.Tensor], subset: Subset, K: in
     if own is not None:
         return own(xs, subset, K, generator=generator)
     params = _expert_posteriors(model, xs, subset, cache)
-    loc0 = params[0][0]
-    shape, device = (K, *loc0.shape), loc0.device
-    # the expert of each draw first (none to pick for one expert: posterior_sample's draws)
-    pick = (torch.randint(len(subset), shape[:-1], generator=generator, device=device)
-            if len(subset) > 1 else None)
-    z = None
-    for j, (i, (loc, scale)) in enumerate(zip(subset, params)):
-        family = model.experts[i].posterior_family
-        draw = family.reparam(loc, scale, family.noise(shape, generator, device))
-        # expert 0's draws everywhere, then each later expert's where it was picked
-        z = draw if z is None else torch.where((pick == j)[..., None], draw, z)
-    return z
+    return mixture_draws([model.experts[i].posterior_family for i in subset], params, K, generator)
 
 
 MEAN_DRAWS = 256  # draws averaged for the mean of a model that can only sample q(z | x_S)

@@ -15,6 +15,25 @@ from mmvae.models.fusions import FUSIONS, Fusion
 from mmvae.models.vae import VAE, LatentModel
 
 
+def mixture_draws(families: list[Family], params: list[tuple], K: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """K draws from the uniform mixture of experts with posteriors `families[j]`(*params[j])
+    ((loc, scale) of shape (B, D) each): (K, B, D). Each draw first picks its expert (from
+    `generator`, only when there are several), then every expert's noise is drawn in order and
+    reparameterised; a draw keeps its expert's. With one expert only the noise is drawn, so the
+    draws are those of that expert's posterior sample from the same generator (the evaluation's
+    M = 2 conditional coherence equals its cross coherence draw for draw)."""
+    loc0 = params[0][0]
+    shape, device = (K, *loc0.shape), loc0.device
+    pick = (torch.randint(len(params), shape[:-1], generator=generator, device=device)
+            if len(params) > 1 else None)
+    z = None
+    for j, (family, (loc, scale)) in enumerate(zip(families, params)):
+        draw = family.reparam(loc, scale, family.noise(shape, generator, device))
+        z = draw if z is None else torch.where((pick == j)[..., None], draw, z)
+    return z
+
+
 class MMVAE(LatentModel):
     multimodal = True
 
@@ -79,9 +98,5 @@ class MMVAE(LatentModel):
                                                 [tuple(range(len(subset)))])[0]
             eps = get_family("normal").noise((K, B, self.latent_dim), generator, device)
             return loc + scale * eps
-        pick = torch.randint(len(subset), (K, B), generator=generator, device=device)
-        z = torch.stack([self.experts[i].posterior_family.reparam(
-            *posts[i], self.experts[i].posterior_family.noise((K, B, self.latent_dim),
-                                                              generator, device))
-            for i in subset])  # (|subset|, K, B, D)
-        return z.gather(0, pick[None, ..., None].expand(1, K, B, self.latent_dim))[0]
+        return mixture_draws([self.experts[i].posterior_family for i in subset],
+                             [posts[i] for i in subset], K, generator)
