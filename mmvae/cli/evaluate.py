@@ -8,6 +8,7 @@ coherence batches are split across the processes, with the numbers of one proces
 from __future__ import annotations
 
 import sys
+import warnings
 
 from mmvae.argv import OneLineParser
 
@@ -36,8 +37,12 @@ def main(argv=None) -> int:
     finished = False
     try:
         try:  # every check happens here, before anything is computed or written
-            ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,
-                                 device=str(accelerator.device))
+            with warnings.catch_warnings(record=True) as notes:  # "skipping <metric>: why"
+                warnings.simplefilter("always")
+                ctx, names = prepare(args.run, metrics, args.overrides, ranks=ranks,
+                                     device=str(accelerator.device))
+            for note in notes if ranks.is_main else ():  # one line each, not a warning's two
+                print(f"note: {note.message}", file=sys.stderr)
             if not ctx.is_toy:  # bad manifest, missing shard, empty split: before any work
                 check_shards(ctx.cfg.data.shards, ["test"], verify=ctx.cfg.data.verify,
                              on_error=ctx.cfg.data.on_error)

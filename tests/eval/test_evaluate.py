@@ -86,6 +86,16 @@ def test_cli(toy_run, tmp_path, capsys):
         assert len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_says_in_one_line_each_which_default_metrics_do_not_apply(toy_run, capsys):
+    """The config's default list on a reference model: the metrics that need labels are
+    skipped, each with one `note:` line (not a warning's file:line and source line)."""
+    assert run_cli(["--run", str(toy_run), "--metrics", "", "eval.iwae_K=10",
+                    "eval.metrics=[likelihood,coherence,latent]"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["note: skipping coherence needs labelled data; model gaussian_pair has none",
+                   "note: skipping latent needs labelled data; model gaussian_pair has none"], err
+
+
 def test_cli_truncated_weights_are_one_line_exit_2(toy_run, capsys):
     weights = toy_run / "model" / "weights.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
