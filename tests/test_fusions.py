@@ -15,6 +15,7 @@ import mmvae
 from mmvae import objectives as O
 from mmvae.config import FUSIONS as CONFIG_FUSIONS, ConfigError, load_config
 from mmvae.models.fusions import FUSIONS, all_subsets, product_of_experts
+from test_objectives import _flat_grad as _flat, _gradient_draws, _max_z  # the same draws and z-test as MoE
 
 
 def pair(fusion, M=3, exact=True, seed=0, **kw):
@@ -100,12 +101,6 @@ def test_dreg_value_is_the_iwae_value_for_every_fusion(fusion, looser):
                                O.m_iwae(model, xs, looser=looser, eps=eps))
 
 
-def _flat(value, params, retain=False):
-    grads = torch.autograd.grad(value.sum(), params, retain_graph=retain, allow_unused=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                      for g, p in zip(grads, params)])
-
-
 def _dreg_by_hand(model, xs, eps, looser):
     """The unbiased mixture DReG surrogate written from DESIGN.md's formula, with the components
     (subset PoEs) in the place of the experts, without the implementation's hook and fresh copy:
@@ -158,20 +153,6 @@ def test_mopoe_dreg_encoder_gradient_is_the_mixture_formula_in_fp64(looser):
     decoders = [p for e in model.experts for p in e.dec.parameters()]
     torch.testing.assert_close(_flat(O.m_dreg(model, xs, looser=looser, eps=eps), decoders),
                                _flat(O.m_iwae(model, xs, looser=looser, eps=eps), decoders))
-
-
-def _gradient_draws(model, estimators, xs, K, n):
-    params = [p for e in model.experts for p in e.enc.parameters()]
-    draws = {k: [] for k in estimators}
-    for _ in range(n):
-        eps = model.sample_noise(K, xs[0].shape[0])
-        for key, fn in estimators.items():
-            draws[key].append(_flat(fn(model, xs, eps), params))
-    return {k: torch.stack(v) for k, v in draws.items()}
-
-
-def _max_z(diff):
-    return (diff.mean(0) / (diff.std(0) / math.sqrt(diff.shape[0]) + 1e-12)).abs().max().item()
 
 
 VARIANCE_RATIOS = {}

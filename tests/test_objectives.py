@@ -76,8 +76,10 @@ def _encoder_params(model):
 
 
 def _flat_grad(value, params, retain=False):
-    grads = torch.autograd.grad(value.sum(), params, retain_graph=retain)
-    return torch.cat([g.reshape(-1) for g in grads])
+    """d value.sum() / d params, flattened; a parameter off the graph gets zeros."""
+    grads = torch.autograd.grad(value.sum(), params, retain_graph=retain, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                      for g, p in zip(grads, params)])
 
 
 def test_dreg_encoder_gradient_is_the_doubly_reparameterised_one(gaussian):
