@@ -19,20 +19,20 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	@set -e; \
-	run=$$($(BIN)/python launch/train.py --config configs/demo.yaml | tail -n 1 | cut -d' ' -f2); \
+	out=$$($(BIN)/python launch/train.py --config configs/demo.yaml); run=$$(echo "$$out" | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "demo run: $$run  (config.yaml, metrics.jsonl, images/, model/, eval.json, report.md)"
 
 # FUSION=mopoe|poe picks another joint posterior (configs/demo_poly.yaml: moe).
 demo-poly: $(STAMP)
 	@set -e; \
-	run=$$($(BIN)/python launch/train.py --config configs/demo_poly.yaml $(if $(FUSION),model.fusion=$(FUSION)) | tail -n 1 | cut -d' ' -f2); \
+	out=$$($(BIN)/python launch/train.py --config configs/demo_poly.yaml $(if $(FUSION),model.fusion=$(FUSION))); run=$$(echo "$$out" | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "five-modality demo run: $$run  (config.yaml, metrics.jsonl, images/, eval.json, report.md)"
 
 demo-cub: $(STAMP)
 	@set -e; \
-	run=$$($(BIN)/python launch/train.py --config configs/demo_cub.yaml | tail -n 1 | cut -d' ' -f2); \
+	out=$$($(BIN)/python launch/train.py --config configs/demo_cub.yaml); run=$$(echo "$$out" | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "caption demo run: $$run  (images/*_pairs.png, images/*.txt, eval.json, report.md)"
 
