@@ -12,11 +12,14 @@ open_clip's ``get_wds_dataset``::
                        names), check its size, tar members -> samples; at the end of the
                        shard, samples short of the manifest's count are counted as lost
     select_keys        keep the requested modalities (key stems, or full keys such as
-                       caption.txt); a missing one is a bad sample
+                       caption.txt); a missing one is a bad sample, unless the manifest
+                       allows missing modalities (mmvae.data.presence)
+    drop_modalities    (data.drop_modalities > 0) drop modalities, seeded per sample, epoch
     shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
     decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...;
                        each value checked against the manifest's modality spec (shape,
                        dtype, caption length) and float arrays for NaN/inf
+    fill_absent        (modalities may be missing) zero placeholders + the presence row
     repeat_passes      the stages above form one pass over the rank's shards; training repeats
                        passes (reshuffled) until the quota below is met
     batch              collate: stack arrays, gather ints, list the rest

@@ -96,7 +96,7 @@ class Fusion:
         """Which components exist for each sample, (S, B) bool, from the modalities present
         (B, M) bool: a subset all of whose experts are present or, for a `partial` fusion, any
         of whose experts is. Per sample the mixture is then exactly the fusion of the model
-        restricted to its present modalities (mmvae.models.presence)."""
+        restricted to its present modalities (tests/test_missing.py)."""
         subsets = self.subsets(present.shape[1]) if subsets is None else subsets
         rows = [present[:, list(s)].any(1) if self.partial else present[:, list(s)].all(1)
                 for s in subsets]

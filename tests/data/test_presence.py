@@ -136,3 +136,13 @@ def test_a_zero_rate_on_a_complete_dataset_adds_no_mask(tiny_dir):
     masked = next(iter(make_loader(tiny_dir, "train", batch_size=4, modalities=MODS,
                                    drop_modalities=0.3)))
     assert masked[PRESENT].shape == (4, 2)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_verify_samples_reports_a_missing_modality_only_where_the_manifest_forbids_it(tmp_path, flag):
+    from mmvae.data.checks import sample_problems
+
+    problems = list(sample_problems(partial_shards(tmp_path, flag=flag)))
+    want = [15] if flag else [i for i in range(16) if omitted(i)]
+    assert [int(p.split("sample ")[1].split(":")[0]) for p in problems] == want
+    assert all("missing" in p for p in problems)
