@@ -105,3 +105,25 @@ def test_drop_modalities_out_of_range_or_on_one_modality_is_exit_2(shards, tmp_p
         shards, tmp_path / "b", "moe", "model.name=mnist", "data.drop_modalities=0.2")]) == 2
     err = capsys.readouterr().err
     assert "needs a multimodal model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluation_batches_hold_only_the_samples_with_every_modality(shards, tmp_path):
+    """launch/evaluate.py's metrics read through EvalContext: on shards that omit keys they see
+    the complete samples, never a placeholder."""
+    import mmvae
+    from mmvae.config import load_config
+    from mmvae.eval.context import EvalContext
+
+    partial = tmp_path / "partial"
+    omit_keys(shards, partial)
+    cfg = load_config(None, [f"data.shards={partial}", "model.name=mnist_svhn"])
+    ctx = EvalContext(tmp_path, cfg, mmvae.build_model("mnist_svhn"), cfg.eval, 0,
+                      torch.device("cpu"))
+    manifest = json.loads((partial / "manifest.json").read_text())
+    total = manifest["splits"]["test"]["num_samples"]
+    seen = [(xs, labels) for xs, labels in ctx.labelled_batches("test", batch_size=4)]
+    n = sum(len(labels) for _, labels in seen)
+    # omit_keys takes svhn from every third sample of a shard and mnist from the one after it
+    per_shard = [e["count"] for e in manifest["splits"]["test"]["shards"]]
+    assert n == sum(c - len(range(0, c, 3)) - len(range(1, c, 3)) for c in per_shard) < total
+    assert all(x.flatten(1).amax(1).gt(0).all() for xs, _ in seen for x in xs)
