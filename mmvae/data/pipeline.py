@@ -69,7 +69,7 @@ from mmvae.data.decode import Decode, ToTensors, collate, images_to_float  # noq
 from mmvae.data.errors import (ErrorCounter, ShardDataError, ShardsError,  # noqa: F401
                                ShardsNotFound, one_line)
 from mmvae.data.manifest import MANIFEST, read_manifest
-from mmvae.data.presence import DropModalities, FillAbsent, manifest_allows_missing
+from mmvae.data.presence import DropModalities, FillAbsent, Presence, manifest_allows_missing
 from mmvae.data.samples import IMAGE_EXTS, decode_image  # noqa: F401
 from mmvae.data.store import open_store
 
@@ -502,23 +502,6 @@ class Loader:
     def __repr__(self) -> str:
         return (f"Loader({len(self.info.files)} shards, {self.num_samples} samples, dp {self.dp_rank}/"
                 f"{self.dp_size}, {self.num_workers} workers, {len(self)} batches: {' -> '.join(self.stages)})")
-
-
-@dataclass(frozen=True)
-class Presence:
-    """Which modalities may be missing and what to do about it (`mmvae.data.presence`):
-    ``optional`` may be absent in the shards (the manifest allows it), ``drop`` is the rate of
-    simulated absence, ``skip`` reads only samples with every modality (evaluation)."""
-
-    modalities: tuple[str, ...] = ()
-    optional: tuple[str, ...] = ()
-    drop: float = 0.0
-    skip: bool = False
-
-    @property
-    def masked(self) -> bool:
-        """Batches carry the mask and placeholders."""
-        return bool(self.drop) or (bool(self.optional) and not self.skip)
 
 
 class Batch:

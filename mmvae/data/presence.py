@@ -26,6 +26,7 @@ Stage ``fill_absent`` (after ``decode``) then fills the placeholders and records
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -37,6 +38,23 @@ PRESENT = "present"
 MISSING_FLAG = "missing_modalities"
 """Manifest key (bool): samples may omit modality keys."""
 _TAG_DROP = 13
+
+
+@dataclass(frozen=True)
+class Presence:
+    """A loader's settings for missing modalities (see the module docstring): ``optional``
+    may be absent in the shards (the manifest allows it), ``drop`` is the rate of simulated
+    absence, ``skip`` reads only samples with every modality (evaluation)."""
+
+    modalities: tuple[str, ...] = ()
+    optional: tuple[str, ...] = ()
+    drop: float = 0.0
+    skip: bool = False
+
+    @property
+    def masked(self) -> bool:
+        """Batches carry the mask and placeholders."""
+        return bool(self.drop) or (bool(self.optional) and not self.skip)
 
 
 def manifest_allows_missing(manifest: dict) -> bool:
