@@ -75,8 +75,9 @@ def backward_objective(objective: Callable, model, xs, eps, *, looser: bool, k_c
     """Backpropagate ``-loss_scale * objective(...).mean()`` over the local particles `eps`.
 
     `objective(model, xs, K, eps=, reducer=, present=)` is an importance-weighted estimator
-    (iwae / dreg and their multimodal forms; `present` the (B, M) modality mask or None); `backward(loss, last)` runs the backward pass (`last` is False
-    for all but the final chunk, so DDP can skip its all-reduce). Returns the bound's value (B,).
+    (iwae / dreg and their multimodal forms; `present` the (B, M) modality mask or None);
+    `backward(loss, last)` runs the backward pass (`last` is False for all but the final
+    chunk, so DDP can skip its all-reduce). Returns the bound's value (B,).
     With `k_chunk` >= the local K (or 0) this is one ordinary forward and backward.
     """
     reducer = reducer or LocalReducer()
