@@ -118,6 +118,10 @@ class DataConfig:
     every shard; reads all the data once)."""
     resampled: bool = False
     """Sample shards with replacement (large multi-node jobs)."""
+    drop_modalities: float = 0.0
+    """Simulate missing modalities in training: drop each modality of a sample with this
+    probability, in [0, 1) (seeded by train.seed, epoch and sample key: the same on every
+    layout; never all of a sample's). Multimodal models; fusions moe, mopoe, poe."""
 
 
 @dataclass
@@ -262,6 +266,8 @@ PERIODIC_METRICS = ("likelihood", "coherence", "subset_coherence", "subset_laten
 config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
 FUSIONS = ("moe", "mopoe", "poe")
+MASK_FUSIONS = ("moe", "mopoe", "poe")
+"""Fusions whose estimators take a per-sample presence mask (missing modalities)."""
 """`model.fusion` names: the keys of `mmvae.models.fusions.FUSIONS` (listed here because config
 sits below models; tests/test_fusions.py checks that the two agree)."""
 
@@ -415,7 +421,19 @@ def validate(cfg: Config) -> Config:
     if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
         raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
                           "and objective.k_chunk=0, or use iwae/dreg")
+    check_missing_modalities(cfg, cfg.data.drop_modalities > 0, "data.drop_modalities")
     return cfg
+
+
+def check_missing_modalities(cfg: Config, missing: bool, why: str) -> None:
+    """Missing modalities (`why`: simulated, or shards that omit keys) need a fusion whose
+    estimators take the presence mask."""
+    if not 0 <= cfg.data.drop_modalities < 1:
+        raise ConfigError(f"data.drop_modalities={cfg.data.drop_modalities} must be in [0, 1)")
+    if missing and cfg.model.fusion not in MASK_FUSIONS:
+        raise ConfigError(f"model.fusion={cfg.model.fusion} does not support missing modalities "
+                          f"({why}); use model.fusion={'|'.join(MASK_FUSIONS)} or set "
+                          f"data.drop_modalities=0 / use shards with every modality")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -26,6 +26,16 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
 * ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
   0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
 
+Missing modalities: every multimodal estimator takes ``present`` ((B, M) bool, None = all). Per
+sample it is then the estimator of the model restricted to the present modalities: the mixture
+over the components that exist for the sample (``model.component_mask``: the present experts for
+moe, the subsets of present experts for mopoe, the product of the present experts for poe), the
+likelihood terms of present modalities only, and the normalisers and counts over the sample's
+own particles. Absent modalities' tensors are placeholders that only have to be finite: what
+they contribute is selected away (``torch.where``), never multiplied by zero, so no NaN or
+gradient leaks from them. tests/test_missing.py checks value and gradient against the restricted
+model, sample by sample.
+
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
 log-sum-exp into the global one.
@@ -90,13 +100,15 @@ class Particles:
     posts: list[tuple[torch.Tensor, torch.Tensor]]
     log_joint: torch.Tensor
     eps: list[torch.Tensor]
+    valid: torch.Tensor | None = None
+    """(S, B) bool: the components each sample's mixture keeps; None = all (no mask)."""
 
 
 def _as_list(x) -> list[torch.Tensor]:
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None) -> Particles:
+def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None, present=None) -> Particles:
     """Encode, reparameterise K particles per posterior component and score them under every
     decoder.
 
@@ -104,18 +116,22 @@ def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None) -> Particle
     model's fusion makes of the experts' posteriors (`mmvae.models.fusions`: subset products of
     experts for mopoe, the full product for poe); S of them. All S*K*B particles go through each
     decoder in one call. `eps` (a list of (K, B, D) standard noise tensors, one per component)
-    fixes the noise; otherwise K particles are drawn.
+    fixes the noise; otherwise K particles are drawn. `present` ((B, M) bool) keeps each
+    sample's likelihood terms to its present modalities and marks its components (`valid`).
     """
     experts = model.experts
     if eps is None:
         eps = model.sample_noise(K, xs[0].shape[0], device=xs[0].device)
-    posts = model.components([e.posterior(x) for e, x in zip(experts, xs)])
+    posts = model.components([e.posterior(x) for e, x in zip(experts, xs)], present=present)
     z = _reparam(model, posts, eps)  # (S, K, B, D)
     prior_loc, prior_scale = model.prior_params()
     log_joint = log_sum(model.prior_family.log_prob(z, prior_loc, prior_scale))  # (S, K, B)
-    for lam, expert, x in zip(model.llik_scaling, experts, xs):
-        log_joint = log_joint + lam * expert.log_likelihood(x, z)
-    return Particles(z, posts, log_joint, eps)
+    for d, (lam, expert, x) in enumerate(zip(model.llik_scaling, experts, xs)):
+        llik = expert.log_likelihood(x, z)
+        if present is not None:
+            llik = torch.where(present[:, d], llik, torch.zeros_like(llik))
+        log_joint = log_joint + lam * llik
+    return Particles(z, posts, log_joint, eps, model.component_mask(present))
 
 
 def _reparam(model, posts, eps) -> torch.Tensor:
@@ -133,28 +149,71 @@ def log_q_matrix(model, z: torch.Tensor, posts, detach_params: bool) -> torch.Te
     return torch.stack(rows)
 
 
-def log_weights(model, xs, K: int | None = None, eps=None) -> torch.Tensor:
-    """l(z_rk) for all particles, (M, K, B), fp64, with its full gradient graph."""
-    p = draw(model, _as_list(xs), K, eps)
+def log_mixture(log_q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """log q_mix(z_rk) = log (1/S_b) sum_{m valid for b} q_m(z_rk) from log_q (S_m, S_r, K, B):
+    (S_r, K, B). Without a mask every component counts."""
+    if valid is None:
+        return torch.logsumexp(log_q, 0) - math.log(log_q.shape[0])
+    masked = log_q.masked_fill(~valid[:, None, None, :], -math.inf)
+    return torch.logsumexp(masked, 0) - valid.sum(0).to(log_q.dtype).log()
+
+
+def log_responsibilities(log_q: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """log alpha_m(z_rk) = log q_m / sum_{j valid} q_j (S_m, S_r, K, B); -inf for a component
+    the sample does not have."""
+    if valid is not None:
+        log_q = log_q.masked_fill(~valid[:, None, None, :], -math.inf)
+    return log_q - torch.logsumexp(log_q, 0)
+
+
+def _log_weights(model, xs, K, eps, present) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(l(z_rk) (S, K, B) finite everywhere, the (S, B) component mask or None)."""
+    p = draw(model, _as_list(xs), K, eps, present)
     log_q = log_q_matrix(model, p.z, p.posts, detach_params=False)
-    return p.log_joint - (torch.logsumexp(log_q, 0) - math.log(log_q.shape[0]))
+    return p.log_joint - log_mixture(log_q, p.valid), p.valid
 
 
-def _normalise(lw: torch.Tensor, looser: bool, reducer) -> tuple[torch.Tensor, torch.Tensor]:
+def log_weights(model, xs, K: int | None = None, eps=None, present=None) -> torch.Tensor:
+    """l(z_rk) for all particles, (M, K, B), fp64, with its full gradient graph; -inf for the
+    particles of a component a sample does not have (`present`), so that a log-sum-exp over
+    them is the sample's own normaliser."""
+    lw, valid = _log_weights(model, xs, K, eps, present)
+    return lw if valid is None else lw.masked_fill(~valid[:, None, :], -math.inf)
+
+
+def _n_components(valid: torch.Tensor | None, S: int):
+    """Components per sample: (B,) float64, or the int S without a mask."""
+    return S if valid is None else valid.sum(0).to(torch.float64)
+
+
+def _normalise(lw: torch.Tensor, looser: bool, reducer,
+               valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(bound value (B,), normalised weights (M, K, B) detached, each stratum's scale).
 
     Joint: softmax over all M*K particles. Looser: softmax over K within each stratum, and the
-    stratum bounds averaged with 1/M, which is folded into the returned weights.
+    stratum bounds averaged with 1/M, which is folded into the returned weights. With a
+    component mask `valid` (S, B), M is each sample's own count and absent components'
+    particles get weight 0 (their entries of `lw` may hold anything finite or -inf).
     """
     M, K, B = lw.shape
+    if valid is not None:
+        lw = lw.masked_fill(~valid[:, None, :], -math.inf)
+    n = _n_components(valid, M)
     if looser:
-        lse = reducer.logsumexp(lw, 1)  # (M, B)
-        value = (lse - math.log(reducer.count(K))).mean(0)
-        weights = torch.exp(lw - lse[:, None]) / M
+        lse = reducer.logsumexp(lw, 1)  # (M, B); -inf for an absent stratum
+        strata = lse - math.log(reducer.count(K))
+        if valid is None:
+            value, weights = strata.mean(0), torch.exp(lw - lse[:, None]) / M
+        else:
+            value = torch.where(valid, strata, torch.zeros_like(strata)).sum(0) / n
+            weights = torch.where(valid[:, None, :], torch.exp(lw - lse[:, None]),
+                                  torch.zeros_like(lw)) / n
     else:
         flat = lw.reshape(M * K, B)
         lse = reducer.logsumexp(flat, 0)  # (B,)
         value = lse - math.log(reducer.count(M * K))
+        if valid is not None:  # the sample's own S_b * K particles, not M * K
+            value = value - torch.log(n / M)
         weights = torch.exp(lw - lse)
     return value.detach(), weights.detach()
 
@@ -166,14 +225,15 @@ def _with_value(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
 
 # --- importance-weighted bounds ----------------------------------------------------------------
 
-def m_iwae(model, xs, K: int = 1, *, looser: bool = False, eps=None, reducer=None) -> torch.Tensor:
+def m_iwae(model, xs, K: int = 1, *, looser: bool = False, eps=None, reducer=None,
+           present=None) -> torch.Tensor:
     """Multimodal IWAE bound (joint, or the stratified `looser` bound), shape (B,).
 
     Gradient: sum over particles of w * grad l, w the normalised weights (the exact gradient of
     the bound's estimate, all score terms included).
     """
-    lw = log_weights(model, xs, K, eps)
-    value, w = _normalise(lw, looser, reducer or LocalReducer())
+    lw, valid = _log_weights(model, xs, K, eps, present)
+    value, w = _normalise(lw, looser, reducer or LocalReducer(), valid)
     return _with_value(value, (w * lw).sum((0, 1)))
 
 
@@ -183,7 +243,7 @@ def iwae(model, x, K: int = 1, *, eps=None, reducer=None) -> torch.Tensor:
 
 
 def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbiased", eps=None,
-           reducer=None) -> torch.Tensor:
+           reducer=None, present=None) -> torch.Tensor:
     """Multimodal IWAE bound with the doubly-reparameterised gradient, shape (B,).
 
     With w the normalised weights (times 1/M for `looser`), alpha_m(z) = q_m(z) / sum_j q_j(z)
@@ -220,12 +280,12 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     if variant not in VARIANTS:
         raise ValueError(f"dreg variant {variant!r}; choose one of {', '.join(VARIANTS)}")
     xs = _as_list(xs)
-    p = draw(model, xs, K, eps)
+    p = draw(model, xs, K, eps, present)
     M = p.z.shape[0]
     log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True)  # (M_m, M_r, K, B)
-    lw = p.log_joint - (torch.logsumexp(log_q_fixed, 0) - math.log(M))  # (M, K, B)
-    value, w = _normalise(lw, looser, reducer or LocalReducer())
-    w_soft = w * M if looser else w  # the weight within its own softmax
+    lw = p.log_joint - log_mixture(log_q_fixed, p.valid)  # (M, K, B)
+    value, w = _normalise(lw, looser, reducer or LocalReducer(), p.valid)
+    w_soft = w * _n_components(p.valid, M) if looser else w  # the weight within its own softmax
     surrogate = (w * lw).sum((0, 1))
     if variant == "stl" or not p.z.requires_grad:
         return _with_value(value, surrogate)
@@ -233,7 +293,7 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
         path_scale = w_soft
     else:
         idx = torch.arange(M, device=lw.device)
-        log_alpha_all = log_q_fixed - torch.logsumexp(log_q_fixed, 0)  # (M_m, M_r, K, B)
+        log_alpha_all = log_responsibilities(log_q_fixed, p.valid)  # (M_m, M_r, K, B)
         alpha_own = log_alpha_all[idx, idx].exp().detach()  # alpha_r(z_rk): (M, K, B)
         path_scale = 1 - (1 - w_soft) * alpha_own
         surrogate = surrogate + _mixture_terms(model, p, w, idx)
@@ -247,7 +307,7 @@ def _mixture_terms(model, p: Particles, w: torch.Tensor, idx: torch.Tensor) -> t
     # alpha_r(z_rk) on the path: z rebuilt from the same noise, so its gradient bypasses the hook.
     z_again = _reparam(model, p.posts, p.eps)
     log_q_fixed = log_q_matrix(model, z_again, p.posts, detach_params=True)
-    log_alpha = log_q_fixed - torch.logsumexp(log_q_fixed, 0)
+    log_alpha = log_responsibilities(log_q_fixed, p.valid)
     alpha_term = -(w * log_alpha[idx, idx].exp()).sum((0, 1))
     return alpha_term - _score_terms(model, p, w, log_alpha.detach())
 
@@ -261,19 +321,18 @@ def _score_terms(model, p: Particles, w: torch.Tensor, log_alpha: torch.Tensor) 
 
 
 def m_dreg_score_part(model, xs, K: int = 1, *, looser: bool = False, eps=None,
-                      reducer=None) -> torch.Tensor:
+                      reducer=None, present=None) -> torch.Tensor:
     """The other experts' score terms of the unbiased mixture DReG alone, as a (B,) surrogate
     of value 0: its gradient is - sum_{m != r} sum_k w alpha_m(z_rk) grad_phi_m log q_m(z_rk),
     exactly the part of `m_dreg(variant="unbiased")`'s gradient that `stl` and `paper` drop
     (same noise -> same particles and weights). It reaches the encoders only. For the variance
     decomposition of `mmvae.eval.gradsnr`; with M = 1 it is zero."""
     xs = _as_list(xs)
-    p = draw(model, xs, K, eps)
-    M = p.z.shape[0]
+    p = draw(model, xs, K, eps, present)
     log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True)
-    lw = p.log_joint - (torch.logsumexp(log_q_fixed, 0) - math.log(M))
-    _, w = _normalise(lw, looser, reducer or LocalReducer())
-    log_alpha = (log_q_fixed - torch.logsumexp(log_q_fixed, 0)).detach()
+    lw = p.log_joint - log_mixture(log_q_fixed, p.valid)
+    _, w = _normalise(lw, looser, reducer or LocalReducer(), p.valid)
+    log_alpha = log_responsibilities(log_q_fixed, p.valid).detach()
     surrogate = -_score_terms(model, p, w, log_alpha)
     return surrogate - surrogate.detach()
 
@@ -299,22 +358,30 @@ def elbo(model, x, K: int = 1, *, eps=None) -> torch.Tensor:
     return model.log_likelihood(x, z) - log_sum(kl_term)
 
 
-def m_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+def m_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
     """The multimodal ELBO of the model's fusion (`ELBOS`), shape (B,)."""
-    return ELBOS[model.fusion.name](model, xs, eps=eps)
+    return ELBOS[model.fusion.name](model, xs, eps=eps, present=present)
 
 
-def moe_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+def _keep(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`values` where `mask` holds, else 0 (selected, not multiplied: no NaN from the rest)."""
+    return values if mask is None else torch.where(mask, values, torch.zeros_like(values))
+
+
+def moe_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
     """The paper's multimodal ELBO with one particle per expert, z_d ~ q_d (REFERENCE.md §3):
 
     (1/M) [ sum_r sum_d W_rd lambda_d log p_d(x_d | z_d) - sum_r KL(q_r || p) ],
 
     W_dd = 1 and W_rd = q_r(sg z_d) / sg q_d(z_d) for r != d: the cross terms
     E_{q_r}[log p_d(x_d|z)] are importance-sampled from q_d, the weight passing gradient only to
-    q_r's parameters. Only the diagonal decoders are used.
+    q_r's parameters. Only the diagonal decoders are used. With `present`, r and d run over a
+    sample's present modalities and M is their number.
     """
     xs = _as_list(xs)
     experts, M = model.experts, len(xs)
+    on = (lambda d: None) if present is None else (lambda d: present[:, d])
+    both = (lambda r, d: None) if present is None else (lambda r, d: present[:, r] & present[:, d])
     noise = eps if eps is not None else model.sample_noise(1, xs[0].shape[0], device=xs[0].device)
     posts = [e.posterior(x) for e, x in zip(experts, xs)]
     prior_loc, prior_scale = model.prior_params()
@@ -326,23 +393,23 @@ def moe_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
         log_q_dd = log_sum(expert_d.posterior_family.log_prob(z_d.detach(), loc_d, scale_d))
         for r, expert_r in enumerate(experts):
             if r == d:
-                total = total + lpx
+                total = total + _keep(lpx, on(d))
                 continue
             loc_r, scale_r = posts[r]
             log_q_rd = log_sum(expert_r.posterior_family.log_prob(z_d.detach(), loc_r,
                                                                    scale_r))
-            total = total + torch.exp(log_q_rd - log_q_dd.detach()) * lpx
-        total = total - log_sum(kl(expert_d.posterior_family, loc_d, scale_d,
-                                   model.prior_family, prior_loc, prior_scale))
-    return total / M
+            total = total + _keep(torch.exp(log_q_rd - log_q_dd.detach()) * lpx, both(r, d))
+        total = total - _keep(log_sum(kl(expert_d.posterior_family, loc_d, scale_d,
+                                         model.prior_family, prior_loc, prior_scale)), on(d))
+    return total / (M if present is None else present.sum(1).to(total.dtype))
 
 
-def _subset_elbos(model, xs, subsets, noise, own_only: bool) -> torch.Tensor:
+def _subset_elbos(model, xs, subsets, noise, own_only: bool, present=None) -> torch.Tensor:
     """Per subset s: sum_d lambda_d log p_d(x_d | z) - KL(q_s || p) with one particle
     z ~ q_s (the fusion's component for s) and the analytic KL: (S, B). `own_only` scores only
-    the modalities of s (MVAE), otherwise all of them."""
+    the modalities of s (MVAE), otherwise all of them; with `present`, only present ones."""
     posts = [e.posterior(x) for e, x in zip(model.experts, xs)]
-    comps = model.components(posts, subsets)
+    comps = model.components(posts, subsets, present)
     families = model.component_families(subsets)
     z = torch.stack([f.reparam(loc, scale, n[0])
                      for f, (loc, scale), n in zip(families, comps, noise)])  # (S, B, D)
@@ -352,37 +419,46 @@ def _subset_elbos(model, xs, subsets, noise, own_only: bool) -> torch.Tensor:
     for d, (lam, expert, x) in enumerate(zip(model.llik_scaling, model.experts, xs)):
         scored = [i for i, s in enumerate(subsets) if d in s or not own_only]
         llik = expert.log_likelihood(x, z[scored])  # one decoder call: (len(scored), B)
+        if present is not None:
+            llik = _keep(llik, present[:, d])
         for j, i in enumerate(scored):
             rows[i] = rows[i] + lam * llik[j]
     return torch.stack(rows)
 
 
-def mixture_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+def mixture_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
     """ELBO of a uniform mixture of S components (MoPoE's subset PoEs), stratified: one particle
     from each component, shape (B,):
 
         (1/S) sum_s [ sum_d lambda_d log p_d(x_d | z_s) - KL(q_s || p) ],   z_s ~ q_s.
 
     Its expectation is below the ELBO of the mixture itself, since the entropy of a mixture is
-    at least the mean entropy of its components (MoPoE's objective, Sutter et al. 2021)."""
+    at least the mean entropy of its components (MoPoE's objective, Sutter et al. 2021).
+    With `present`, the mean runs over the subsets of a sample's present modalities."""
     xs = _as_list(xs)
     noise = eps if eps is not None else model.sample_noise(1, xs[0].shape[0],
                                                            device=xs[0].device)
     subsets = model.fusion.subsets(len(xs))
-    return _subset_elbos(model, xs, subsets, noise, own_only=False).mean(0)
+    rows = _subset_elbos(model, xs, subsets, noise, own_only=False, present=present)
+    valid = model.component_mask(present, subsets)
+    return rows.mean(0) if valid is None else _keep(rows, valid).sum(0) / valid.sum(0)
 
 
-def subsets_elbo(model, xs, K: int = 1, *, eps=None) -> torch.Tensor:
+def subsets_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
     """MVAE's training objective (Wu & Goodman 2018): the sum of the ELBOs of the fusion's
     `elbo_subsets` (the joint PoE and every single modality), each scoring only the modalities
     it is given, shape (B,). The paper adds random subsets too; these fixed ones keep the
     objective deterministic given the noise. Every subset uses the same standard noise (one
-    particle per datapoint): each term is still an unbiased estimate of its own ELBO."""
+    particle per datapoint): each term is still an unbiased estimate of its own ELBO. With
+    `present`, the joint PoE is that of the present modalities and only their own terms count
+    (the objective of the model restricted to them)."""
     xs = _as_list(xs)
     noise = eps if eps is not None else model.sample_noise(1, xs[0].shape[0],
                                                            device=xs[0].device)
     subsets = model.fusion.elbo_subsets(len(xs))
-    return _subset_elbos(model, xs, subsets, [noise[0]] * len(subsets), own_only=True).sum(0)
+    rows = _subset_elbos(model, xs, subsets, [noise[0]] * len(subsets), own_only=True,
+                         present=present)
+    return _keep(rows, model.component_mask(present, subsets)).sum(0)
 
 
 ELBOS = {"moe": moe_elbo, "mopoe": mixture_elbo, "poe": subsets_elbo}
@@ -395,17 +471,23 @@ multimodal model."""
 def select(name: str, multimodal: bool, *, looser: bool = False, variant: str = "unbiased"):
     """The estimator for `objective.name`, bound to its flags: f(model, xs, K, eps=, reducer=).
 
-    Always takes `xs` as a list (unimodal models get a one-element list).
+    Always takes `xs` as a list (unimodal models get a one-element list), and `present=`
+    ((B, M) bool or None; a unimodal model has nothing to leave out and ignores it).
     """
     if name == "elbo":
         # One particle, no normaliser: `reducer` is accepted (the trainer always passes one)
         # and has nothing to do; config refuses particle shards and k_chunk with the ELBO.
-        fn = m_elbo if multimodal else (lambda model, xs, K=1, eps=None: elbo(model, xs[0], K, eps=eps))
-        return lambda model, xs, K=1, eps=None, reducer=None: fn(model, xs, K, eps=eps)
+        if multimodal:
+            return lambda model, xs, K=1, eps=None, reducer=None, present=None: m_elbo(
+                model, xs, K, eps=eps, present=present)
+        return lambda model, xs, K=1, eps=None, reducer=None, present=None: elbo(
+            model, xs[0], K, eps=eps)
     if name == "iwae":
-        return lambda model, xs, K, eps=None, reducer=None: m_iwae(
-            model, xs, K, looser=looser and multimodal, eps=eps, reducer=reducer)
+        return lambda model, xs, K, eps=None, reducer=None, present=None: m_iwae(
+            model, xs, K, looser=looser and multimodal, eps=eps, reducer=reducer,
+            present=present if multimodal else None)
     if name == "dreg":
-        return lambda model, xs, K, eps=None, reducer=None: m_dreg(
-            model, xs, K, looser=looser and multimodal, variant=variant, eps=eps, reducer=reducer)
+        return lambda model, xs, K, eps=None, reducer=None, present=None: m_dreg(
+            model, xs, K, looser=looser and multimodal, variant=variant, eps=eps, reducer=reducer,
+            present=present if multimodal else None)
     raise ValueError(f"unknown objective {name!r}; choose one of elbo, iwae, dreg")

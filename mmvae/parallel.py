@@ -55,11 +55,13 @@ def shard_noise(eps: list[torch.Tensor], index: int, shards: int) -> list[torch.
     return [e[index * step:(index + 1) * step] for e in eps]
 
 
-def normalisers(model, xs, eps, *, looser: bool, k_chunk: int, reducer) -> FixedReducer:
-    """Pass 1: the global normaliser from all local particles, `k_chunk` at a time, no graph."""
+def normalisers(model, xs, eps, *, looser: bool, k_chunk: int, reducer,
+                present=None) -> FixedReducer:
+    """Pass 1: the global normaliser from all local particles, `k_chunk` at a time, no graph
+    (absent components' particles have log-weight -inf: each sample's own normaliser)."""
     K = eps[0].shape[0]
     with torch.no_grad():
-        lw = torch.cat([log_weights(model, xs, eps=[e[i:i + k_chunk] for e in eps])
+        lw = torch.cat([log_weights(model, xs, eps=[e[i:i + k_chunk] for e in eps], present=present)
                         for i in range(0, K, k_chunk)], 1)  # (M, K, B)
     M, _, B = lw.shape
     if looser:
@@ -69,24 +71,26 @@ def normalisers(model, xs, eps, *, looser: bool, k_chunk: int, reducer) -> Fixed
 
 def backward_objective(objective: Callable, model, xs, eps, *, looser: bool, k_chunk: int = 0,
                        reducer=None, loss_scale: float = 1.0,
-                       backward: Callable[[torch.Tensor, bool], None]) -> torch.Tensor:
+                       backward: Callable[[torch.Tensor, bool], None], present=None) -> torch.Tensor:
     """Backpropagate ``-loss_scale * objective(...).mean()`` over the local particles `eps`.
 
-    `objective(model, xs, K, eps=, reducer=)` is an importance-weighted estimator (iwae / dreg
-    and their multimodal forms); `backward(loss, last)` runs the backward pass (`last` is False
-    for all but the final chunk, so DDP can skip its all-reduce). Returns the bound's value (B,).
+    `objective(model, xs, K, eps=, reducer=, present=)` is an importance-weighted estimator
+    (iwae / dreg and their multimodal forms; `present` the (B, M) modality mask or None);
+    `backward(loss, last)` runs the backward pass (`last` is False for all but the final
+    chunk, so DDP can skip its all-reduce). Returns the bound's value (B,).
     With `k_chunk` >= the local K (or 0) this is one ordinary forward and backward.
     """
     reducer = reducer or LocalReducer()
     K = eps[0].shape[0]
     if not k_chunk or k_chunk >= K:
-        out = objective(model, xs, K, eps=eps, reducer=reducer)
+        out = objective(model, xs, K, eps=eps, reducer=reducer, present=present)
         backward(-loss_scale * out.mean(), True)
         return out.detach()
-    fixed = normalisers(model, xs, eps, looser=looser, k_chunk=k_chunk, reducer=reducer)
+    fixed = normalisers(model, xs, eps, looser=looser, k_chunk=k_chunk, reducer=reducer,
+                        present=present)
     starts = list(range(0, K, k_chunk))
     for i in starts:
         chunk = [e[i:i + k_chunk] for e in eps]
-        out = objective(model, xs, chunk[0].shape[0], eps=chunk, reducer=fixed)
+        out = objective(model, xs, chunk[0].shape[0], eps=chunk, reducer=fixed, present=present)
         backward(-loss_scale * out.mean(), i == starts[-1])
     return out.detach()  # every chunk carries the same (global) value

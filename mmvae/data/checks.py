@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 from mmvae.data.errors import ShardsError, ShardsNotFound, one_line
 from mmvae.data.manifest import MANIFEST, REBUILD, load_manifest, read_manifest
 from mmvae.data.store import open_store
+from mmvae.data.presence import manifest_allows_missing
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +206,14 @@ def manifest_report(shards) -> tuple[dict | None, list[str]]:
     return (None if problems else manifest), lines
 
 
+def _missing_modalities(missing: list[str], required: set[str]) -> list[str]:
+    """Of a sample's missing keys under `missing_modalities`, those that are a problem: the
+    label, or every modality at once."""
+    modalities = {k for k in required if not k.startswith("label.")}
+    problems = [k for k in missing if k not in modalities]
+    return problems or (sorted(modalities) if modalities <= set(missing) else [])
+
+
 def sample_problems(shards, splits: Sequence[str] | None = None) -> Iterator[str]:
     """Decode every sample of ``splits`` (default: all) and check it against the manifest's
     modality spec (``verify --samples``): one line per bad sample, naming shard, key and
@@ -215,6 +224,7 @@ def sample_problems(shards, splits: Sequence[str] | None = None) -> Iterator[str
     manifest = read_manifest(store)
     spec = manifest.get("spec") or {}
     required = set(manifest.get("sample_keys") or ())
+    allows_missing = manifest_allows_missing(manifest)
     for split in splits or list(manifest["splits"]):
         for entry in _split_entries(manifest, split, store.location):
             shard = store.describe(entry["file"])
@@ -222,6 +232,8 @@ def sample_problems(shards, splits: Sequence[str] | None = None) -> Iterator[str
                 with store.open(entry["file"]) as stream:
                     for key, files in _tar_samples(stream):
                         missing = sorted(required - set(files))
+                        if missing and allows_missing:  # a modality may be absent, not all
+                            missing = _missing_modalities(missing, required)
                         if missing:
                             yield f"shard {shard}, sample {key}: missing {', '.join(missing)}"
                             continue

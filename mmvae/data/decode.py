@@ -60,7 +60,7 @@ def collate(samples: list[dict]) -> dict:
             continue
         kind = samples[0][stem][0]
         values = [s[stem][1] for s in samples]
-        if kind in ("image", "array"):
+        if kind in ("image", "array", "mask"):  # mask: presence rows -> (B, M) bool
             values = np.stack(values)
         elif kind == "ints":  # equal lengths stack to (B, L); ragged lists stay a list of arrays
             values = np.stack(values) if len({v.shape for v in values}) == 1 else values
@@ -88,6 +88,8 @@ class ToTensors:
                     value = torch.from_numpy(value)
                 elif kind == "array":
                     value = torch.from_numpy(np.ascontiguousarray(value)).float()
+                elif kind == "mask":
+                    value = torch.from_numpy(value)
                 elif kind in ("int", "ints"):
                     value = (torch.from_numpy(value) if isinstance(value, np.ndarray)
                              else [torch.from_numpy(v) for v in value])

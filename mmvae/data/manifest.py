@@ -87,6 +87,8 @@ def manifest_problems(manifest) -> list[str]:
         problems.append("sample_keys is not a list of file keys")
     if manifest.get("spec") is not None and not isinstance(manifest["spec"], dict):
         problems.append("spec is not an object of file key -> modality spec")
+    if manifest.get("missing_modalities") not in (None, True, False):
+        problems.append("missing_modalities is not true or false")
     return problems
 
 

@@ -12,11 +12,14 @@ open_clip's ``get_wds_dataset``::
                        names), check its size, tar members -> samples; at the end of the
                        shard, samples short of the manifest's count are counted as lost
     select_keys        keep the requested modalities (key stems, or full keys such as
-                       caption.txt); a missing one is a bad sample
+                       caption.txt); a missing one is a bad sample, unless the manifest
+                       allows missing modalities (mmvae.data.presence)
+    drop_modalities    (data.drop_modalities > 0) drop modalities, seeded per sample, epoch
     shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
     decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...;
                        each value checked against the manifest's modality spec (shape,
                        dtype, caption length) and float arrays for NaN/inf
+    fill_absent        (modalities may be missing) zero placeholders + the presence row
     repeat_passes      the stages above form one pass over the rank's shards; training repeats
                        passes (reshuffled) until the quota below is met
     batch              collate: stack arrays, gather ints, list the rest
@@ -66,6 +69,7 @@ from mmvae.data.decode import Decode, ToTensors, collate, images_to_float  # noq
 from mmvae.data.errors import (ErrorCounter, ShardDataError, ShardsError,  # noqa: F401
                                ShardsNotFound, one_line)
 from mmvae.data.manifest import MANIFEST, read_manifest
+from mmvae.data.presence import DropModalities, FillAbsent, Presence, manifest_allows_missing
 from mmvae.data.samples import IMAGE_EXTS, decode_image  # noqa: F401
 from mmvae.data.store import open_store
 
@@ -242,11 +246,15 @@ class SelectKeys:
     A name is a key stem (``mnist`` for ``mnist.png``; when a stem has several files, e.g.
     ``caption.json`` and ``caption.txt``, the most decodable: image > npy > json > cls >
     other > txt) or a full key (``caption.txt``, returned under that name). A sample lacking
-    one is reported and dropped."""
+    one is reported and dropped, except the `optional` modalities of a dataset whose manifest
+    allows missing ones (`mmvae.data.presence`): a sample needs one of them, and with
+    `skip_incomplete` (evaluation) one lacking any is skipped quietly (not a data error)."""
 
-    def __init__(self, stems: Sequence[str], errors: ErrorCounter):
+    def __init__(self, stems: Sequence[str], errors: ErrorCounter, optional: Sequence[str] = (),
+                 skip_incomplete: bool = False):
         self.stems, self.errors = tuple(stems), errors
         self._full = {s for s in self.stems if "." in s}
+        self.optional, self.skip_incomplete = tuple(optional), skip_incomplete
 
     def _pick(self, sample: dict) -> dict:
         found: dict[str, tuple[str, Any]] = {}
@@ -267,12 +275,19 @@ class SelectKeys:
                 continue
             found = self._pick(sample)
             missing = [s for s in self.stems if s not in found]
+            if self.optional and missing and not self._required(missing):
+                if self.skip_incomplete:
+                    continue
+                missing = [] if any(s in found for s in self.optional) else list(self.optional)
             if missing:
                 self.errors.sample(sample.get("__url__", "?"), sample.get("__key__"),
                                    f"missing key(s) {', '.join(missing)}")
                 continue
             found["__key__"], found["__url__"] = sample.get("__key__"), sample.get("__url__")
             yield found
+
+    def _required(self, missing: list[str]) -> list[str]:
+        return [s for s in missing if s not in self.optional]
 
 
 class ShuffleBuffer:
@@ -358,6 +373,7 @@ class SplitInfo:
     sample_stems: tuple[str, ...] | None
     sample_keys: tuple[str, ...] | None = None
     spec: dict | None = None
+    allows_missing: bool = False
 
     @property
     def num_samples(self) -> int:
@@ -387,7 +403,8 @@ def _split_info(shards_dir, split: str) -> SplitInfo:
     keys = manifest.get("sample_keys")
     stems = tuple(dict.fromkeys(k.partition(".")[0] for k in keys)) if keys else None
     return SplitInfo(store, files, tuple(s["count"] for s in shards), tuple(s["bytes"] for s in shards),
-                     stems, tuple(keys) if keys else None, manifest.get("spec"))
+                     stems, tuple(keys) if keys else None, manifest.get("spec"),
+                     manifest_allows_missing(manifest))
 
 
 def _worker_counts(info: SplitInfo, source: ShardSource, epoch: int, dp_rank: int, dp_size: int,
@@ -508,10 +525,13 @@ class Batch:
 
 def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, stems, batch_size,
                  dp_rank, dp_size, num_workers, shuffle, shuffle_buffer, resampled, return_keys,
-                 fixed_batches) -> tuple[list[tuple[str, Any]], int, list[tuple[str, Any]]]:
+                 fixed_batches, presence: Presence | None = None
+                 ) -> tuple[list[tuple[str, Any]], int, list[tuple[str, Any]]]:
     """The pipeline as named stages: (per-pass stages, number of passes, per-batch stages).
     ``fixed_batches`` (per rank; None for one exact pass) turns on repetition and
-    ``take_quota``."""
+    ``take_quota``; ``presence`` (modalities that may be missing) adds ``drop_modalities``
+    and ``fill_absent``."""
+    presence = presence or Presence()
     passes = 1
     if fixed_batches is not None:  # enough passes to fill every worker's quota from clean data
         per_worker = -(-fixed_batches // max(1, num_workers)) * batch_size
@@ -525,10 +545,14 @@ def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, st
                     ("split_by_dp_group", SplitByDPGroup(dp_rank, dp_size)),
                     ("split_by_worker", wds.split_by_worker)]
     per_pass += [("read", ReadShards(info.store, info.expected, errors)),
-                 ("select_keys", SelectKeys(stems, errors))]
+                 ("select_keys", SelectKeys(stems, errors, presence.optional, presence.skip))]
+    if presence.drop:
+        per_pass.append(("drop_modalities", DropModalities(presence.drop, presence.modalities, state)))
     if shuffle:
         per_pass.append(("shuffle", ShuffleBuffer(shuffle_buffer, state, dp_rank)))
     per_pass.append(("decode", Decode(errors, info.spec)))
+    if presence.masked:
+        per_pass.append(("fill_absent", FillAbsent(presence.modalities, info.spec)))
     per_batch = [("batch", Batch(batch_size, partial=fixed_batches is None)),
                  ("tensors", ToTensors(return_keys))]
     if fixed_batches is not None:
@@ -540,7 +564,8 @@ def build_stages(info: SplitInfo, state: EpochState, errors: ErrorCounter, *, st
 def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence[str],
                 num_workers: int = 0, dp_rank: int = 0, dp_size: int = 1, seed: int = 0, epoch: int = 0,
                 shuffle: bool = True, shuffle_buffer: int = 1000, drop_last: bool = True,
-                on_error: str = "skip", resampled: bool = False, return_keys: bool = False) -> Loader:
+                on_error: str = "skip", resampled: bool = False, return_keys: bool = False,
+                drop_modalities: float = 0.0, incomplete: str = "mask") -> Loader:
     """Stream ``split`` of the shards in ``shards_dir`` (a folder or an ``http(s)://`` prefix)
     as dict batches.
 
@@ -565,6 +590,11 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
             ``"raise"`` (a one-line ShardDataError naming the shard).
         resampled: draw shards with replacement (``wds.ResampledShards``) per rank and worker,
             for large multi-node jobs; the number of batches stays fixed as with drop_last.
+        drop_modalities: rate at which each modality of a sample is dropped (seeded by seed,
+            epoch and sample key; never all of a sample's), to simulate missing modalities.
+        incomplete: for shards whose manifest allows missing modalities: ``"mask"`` (batches
+            carry ``present``, (B, M) bool, and zero placeholders; see
+            :mod:`mmvae.data.presence`) or ``"skip"`` (only samples with every modality).
     Raises:
         ShardsNotFound (a FileNotFoundError): no manifest / missing shard. ShardsError (a
         ValueError): invalid manifest, an entry that is not a plain shard name, unknown or
@@ -576,13 +606,20 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
     _validate(info, split, batch_size=batch_size, modalities=modalities, num_workers=num_workers,
               dp_rank=dp_rank, dp_size=dp_size, on_error=on_error, shuffle_buffer=shuffle_buffer,
               resampled=resampled, drop_last=drop_last)
+    if incomplete not in ("mask", "skip"):
+        raise ValueError(f"incomplete must be 'mask' or 'skip', got {incomplete!r}")
+    if drop_modalities and len(modalities) < 2:
+        raise ValueError(f"drop_modalities={drop_modalities} needs at least two modalities, got "
+                         f"{modalities}")
+    presence = Presence(tuple(modalities), tuple(modalities) if info.allows_missing else (),
+                        float(drop_modalities), skip=incomplete == "skip")
     stems = list(dict.fromkeys(modalities + (["label"] if info.sample_stems and "label" in info.sample_stems else [])))
     state, errors = EpochState(seed, epoch), ErrorCounter(on_error)
     fixed = info.num_samples // (dp_size * batch_size) if (drop_last or resampled) else None
     per_pass, passes, per_batch = build_stages(
         info, state, errors, stems=stems, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
         num_workers=num_workers, shuffle=shuffle, shuffle_buffer=shuffle_buffer, resampled=resampled,
-        return_keys=return_keys, fixed_batches=fixed)
+        return_keys=return_keys, fixed_batches=fixed, presence=presence)
     source = per_pass[0][1]
     repeat = RepeatPasses(wds.DataPipeline(*[stage for _, stage in per_pass]),
                           source if isinstance(source, ShardSource) else None, passes)

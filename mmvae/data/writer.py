@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # re-exported here for the code that imported them from the writer.
 from mmvae.data.manifest import (BUILD_HINT, MANIFEST, MANIFEST_FORMAT, SHARD_PATTERN,  # noqa: F401
                                  read_manifest)
+from mmvae.data.presence import MISSING_FLAG
 # Fixed tar metadata so that the same samples always give byte-identical shards.
 _TAR_META = dict(user="mmvae", group="mmvae", mode=0o444, mtime=0)  # int: a float adds a pax header per file
 
@@ -207,7 +208,8 @@ def _first_sample_spec(out_dir: Path, splits: Mapping[str, list[dict]]) -> dict 
 
 def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
                    splits: Mapping[str, list[dict]], extra_files: Iterable[str] = (),
-                   *, sample_keys: Iterable[str] | None = None, spec: Mapping | None = None) -> dict:
+                   *, sample_keys: Iterable[str] | None = None, spec: Mapping | None = None,
+                   missing_modalities: bool = False) -> dict:
     """Write ``out_dir/manifest.json`` (atomically; the folder counts as built after this).
 
     Args:
@@ -220,7 +222,11 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
             "svhn.png"]``); the loader uses it to know which keys are required.
         spec: file key -> modality spec (``mmvae.data.samples``); by default read from the
             first sample of the first shard written, so that the loader can check every
-            later sample's shape, dtype and caption length against it.
+            later sample's shape, dtype and caption length against it (with
+            ``missing_modalities``, pass it unless the first sample has every modality: it
+            also gives the placeholders' shapes).
+        missing_modalities: samples may omit modality keys (`mmvae.data.presence`); without
+            it a missing key is a data error.
     Returns:
         the manifest as a dict.
     """
@@ -241,5 +247,7 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
         "extra_files": extras,
         "spec": dict(spec) if spec is not None else _first_sample_spec(out_dir, splits),
     }
+    if missing_modalities:
+        manifest[MISSING_FLAG] = True
     _atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=False) + "\n")
     return manifest

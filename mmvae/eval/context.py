@@ -91,12 +91,14 @@ class EvalContext:
 
     def shard_batches(self, split: str, modalities: Sequence[str], batch_size: int):
         """Dict batches of the shards in shard order (no shuffle, last batch partial); lists
-        (captions from .json) become tensors."""
+        (captions from .json) become tensors. Shards that may omit modalities give only the
+        samples that have every one of `modalities` (what the metric reads): a metric never
+        sees a placeholder."""
         from mmvae.data import make_loader
 
         loader = make_loader(self.shards_dir, split, batch_size=batch_size, modalities=modalities,
                              num_workers=self.cfg.data.num_workers, seed=self.seed, shuffle=False,
-                             drop_last=False, on_error=self.cfg.data.on_error)
+                             drop_last=False, on_error=self.cfg.data.on_error, incomplete="skip")
         for batch in loader:
             yield {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in batch.items()}
 

@@ -77,7 +77,8 @@ def fixed_batch(model, cfg: Config, batch_size: int, split: str, seed: int) -> l
         data = model.sample_data(batch_size, generator=torch.Generator().manual_seed(seed))
         return data if isinstance(data, list) else [data]
     loader = make_loader(cfg.data.shards, split, batch_size=batch_size,
-                         modalities=model.modalities, shuffle=False, drop_last=False)
+                         modalities=model.modalities, shuffle=False, drop_last=False,
+                         incomplete="skip")
     batch = next(iter(loader))
     return [batch[m] for m in model.modalities]
 

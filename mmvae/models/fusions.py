@@ -48,10 +48,16 @@ def everything(M: int) -> Subsets:
 
 
 def product_of_experts(posts: list[tuple[torch.Tensor, torch.Tensor]],
-                       prior: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loc, scale) of the Gaussian PoE of the prior expert and `posts` (each (B, D); prior (1, D))."""
+                       prior: tuple[torch.Tensor, torch.Tensor],
+                       present: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loc, scale) of the Gaussian PoE of the prior expert and `posts` (each (B, D); prior (1, D)).
+    `present` (one (B,) bool per post) leaves a sample's absent experts out of its product
+    (their precision counts as 0), so every row stays finite."""
     locs = [prior[0]] + [loc for loc, _ in posts]
     precisions = [prior[1] ** -2] + [scale ** -2 for _, scale in posts]
+    if present is not None:
+        precisions = precisions[:1] + [p * keep[:, None].to(p.dtype)
+                                       for p, keep in zip(precisions[1:], present)]
     total = sum(precisions)
     loc = sum(p * m for p, m in zip(precisions, locs)) / total
     return loc, total.rsqrt()
@@ -68,16 +74,33 @@ class Fusion:
     elbo_subsets: Callable[[int], Subsets] | None = None
     """Subsets whose ELBOs are summed in training (MVAE's sub-sampled paths); None = the
     fusion's own ELBO over its mixture (`mmvae.objectives.m_elbo`)."""
+    partial: bool = False
+    """Missing modalities: a component whose subset holds absent experts is the product of its
+    present ones (poe: the joint posterior of whatever is there) instead of being left out of
+    the sample's mixture (moe, mopoe: the experts / subsets of the present modalities)."""
 
-    def components(self, posts, prior, subsets: Subsets | None = None):
+    def components(self, posts, prior, subsets: Subsets | None = None,
+                   present: torch.Tensor | None = None):
         """Per component (loc, scale), each (B, D): the experts of `subsets` (default: the
-        fusion's own) alone, or their PoE with the prior expert."""
+        fusion's own) alone, or their PoE with the prior expert (over a sample's present
+        experts only, given `present` (B, M) bool)."""
         subsets = self.subsets(len(posts)) if subsets is None else subsets
         if not self.product:
             if any(len(s) != 1 for s in subsets):
                 raise ValueError(f"fusion {self.name} has one expert per component")
             return [posts[s[0]] for s in subsets]
-        return [product_of_experts([posts[m] for m in s], prior) for s in subsets]
+        keep = (lambda s: None) if present is None else (lambda s: [present[:, m] for m in s])
+        return [product_of_experts([posts[m] for m in s], prior, keep(s)) for s in subsets]
+
+    def component_mask(self, present: torch.Tensor, subsets: Subsets | None = None) -> torch.Tensor:
+        """Which components exist for each sample, (S, B) bool, from the modalities present
+        (B, M) bool: a subset all of whose experts are present or, for a `partial` fusion, any
+        of whose experts is. Per sample the mixture is then exactly the fusion of the model
+        restricted to its present modalities (tests/test_missing.py)."""
+        subsets = self.subsets(present.shape[1]) if subsets is None else subsets
+        rows = [present[:, list(s)].any(1) if self.partial else present[:, list(s)].all(1)
+                for s in subsets]
+        return torch.stack(rows)
 
     def families(self, expert_families: list[Family], subsets: Subsets | None = None) -> list[Family]:
         subsets = self.subsets(len(expert_families)) if subsets is None else subsets
@@ -90,7 +113,7 @@ FUSIONS: dict[str, Fusion] = {
     "moe": Fusion("moe", singletons, product=False),
     "mopoe": Fusion("mopoe", all_subsets, product=True),
     "poe": Fusion("poe", everything, product=True,
-                  elbo_subsets=lambda M: everything(M) + singletons(M)),
+                  elbo_subsets=lambda M: everything(M) + singletons(M), partial=True),
 }
 
 

@@ -73,9 +73,14 @@ class MMVAE(LatentModel):
         return self._llik_scaling
 
     # --- the joint posterior as a mixture of components (mmvae.models.fusions) ---------------
-    def components(self, posts, subsets=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(loc, scale) of each mixture component from the experts' posteriors `posts`."""
-        return self.fusion.components(posts, self.prior_params(), subsets)
+    def components(self, posts, subsets=None, present=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(loc, scale) of each mixture component from the experts' posteriors `posts`
+        (products over a sample's present experts only, given `present` (B, M) bool)."""
+        return self.fusion.components(posts, self.prior_params(), subsets, present)
+
+    def component_mask(self, present, subsets=None):
+        """(S, B) bool: the components each sample's mixture keeps (None: no mask given)."""
+        return None if present is None else self.fusion.component_mask(present, subsets)
 
     def component_families(self, subsets=None) -> list[Family]:
         return self.fusion.families([e.posterior_family for e in self.experts], subsets)

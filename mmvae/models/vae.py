@@ -61,10 +61,15 @@ class LatentModel(nn.Module):
         return [family.noise((K, B, self.latent_dim), generator, device)
                 for family in self.component_families()]
 
-    def components(self, posts, subsets=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def components(self, posts, subsets=None, present=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(loc, scale) of the components of q(z|X) from the experts' posteriors: one VAE's
         posterior is its only component (MMVAE overrides this with its fusion)."""
         return list(posts)
+
+    def component_mask(self, present, subsets=None):
+        """(S, B) bool: which components exist per sample given the modalities `present`
+        (B, M) bool; None when every one does (one modality has nothing to leave out)."""
+        return None
 
     def component_families(self, subsets=None) -> list[Family]:
         return [e.posterior_family for e in self.experts]

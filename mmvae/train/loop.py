@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mmvae.config import Config, ConfigError, save_config, to_dict
+from mmvae.config import Config, ConfigError, check_missing_modalities, save_config, to_dict
 from mmvae.data import make_loader
 from mmvae.data.builtin import ensure_builtin
 from mmvae.data.checks import check_shards
@@ -42,7 +42,8 @@ from mmvae.train.dist import (Layout, all_sum, any_rank, autocast, broadcast, ma
 from mmvae.train.optim import make_optimizer
 from mmvae.train.resume import find as find_resume
 from mmvae.train.resume import keep_old_metrics
-from mmvae.train.step import ObjectiveModule, batch_inputs, estimator_for, test_bound, train_step
+from mmvae.train.step import (ObjectiveModule, batch_inputs, batch_present, estimator_for,
+                              test_bound, train_step)
 
 SHARD_HINTS = {
     "mnist_svhn": "python launch/shard_mnist_svhn.py --mnist DIR --svhn DIR --out {shards}",
@@ -386,12 +387,20 @@ def _commit(run: Run, root: Path) -> None:
 
 def _loader(run: Run, split: str, train: bool):
     cfg = run.cfg
-    return make_loader(cfg.data.shards, split, batch_size=cfg.data.batch_size,
-                       modalities=run.model.modalities, num_workers=cfg.data.num_workers,
-                       dp_rank=run.layout.dp_rank, dp_size=run.layout.dp_size,
-                       seed=cfg.train.seed, epoch=run.state.epoch, shuffle=train,
-                       shuffle_buffer=cfg.data.shuffle_buffer, drop_last=train,
-                       on_error=cfg.data.on_error, resampled=cfg.data.resampled and train)
+    drop = cfg.data.drop_modalities if train else 0.0  # the test bound sees the data as it is
+    if drop and not run.model.multimodal:
+        raise ConfigError(f"data.drop_modalities={drop} needs a multimodal model; "
+                          f"{cfg.model.name} has one modality: set data.drop_modalities=0")
+    loader = make_loader(cfg.data.shards, split, batch_size=cfg.data.batch_size,
+                         modalities=run.model.modalities, num_workers=cfg.data.num_workers,
+                         dp_rank=run.layout.dp_rank, dp_size=run.layout.dp_size,
+                         seed=cfg.train.seed, epoch=run.state.epoch, shuffle=train,
+                         shuffle_buffer=cfg.data.shuffle_buffer, drop_last=train,
+                         on_error=cfg.data.on_error, resampled=cfg.data.resampled and train,
+                         drop_modalities=drop)
+    check_missing_modalities(cfg, loader.info.allows_missing and run.model.multimodal,
+                             "the shards' manifest says samples may omit modalities")
+    return loader
 
 
 def _done(run: Run) -> bool:
@@ -472,7 +481,7 @@ def test_epoch(run: Run) -> dict:
         xs = batch_inputs(batch, run.model.modalities, acc.device)
         with autocast(acc):
             values = test_bound(run.model, xs, cfg.objective.K, cfg.objective.k_chunk,
-                                seed=cfg.train.seed + i)
+                                seed=cfg.train.seed + i, present=batch_present(batch, acc.device))
             if i == 0 and run.layout.is_main:
                 _save_pictures(run, xs)
         if run.layout.shard_index == 0:  # the P ranks of a particle group share the batch

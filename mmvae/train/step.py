@@ -11,20 +11,23 @@ from torch import nn
 
 from mmvae import objectives
 from mmvae.config import Config
+from mmvae.data.presence import PRESENT
 from mmvae.parallel import backward_objective, normalisers, shard_noise
 from mmvae.train.dist import any_rank, autocast
 
 
 class ObjectiveModule(nn.Module):
-    """Wraps a model so that `forward(xs, eps, reducer)` returns the estimator's (B,) output."""
+    """Wraps a model so that `forward(xs, eps, reducer, present)` returns the estimator's (B,)
+    output (`present`: the batch's (B, M) modality mask, or None)."""
 
     def __init__(self, model: nn.Module, estimator):
         super().__init__()
         self.model = model
         self.estimator = estimator
 
-    def forward(self, xs, eps, reducer=None):
-        return self.estimator(self.model, xs, eps[0].shape[0], eps=eps, reducer=reducer)
+    def forward(self, xs, eps, reducer=None, present=None):
+        return self.estimator(self.model, xs, eps[0].shape[0], eps=eps, reducer=reducer,
+                              present=present)
 
 
 def estimator_for(cfg: Config, multimodal: bool):
@@ -48,6 +51,13 @@ def batch_inputs(batch: dict, modalities: list[str], device) -> list[torch.Tenso
     return [batch[m].to(device, non_blocking=True) for m in modalities]
 
 
+def batch_present(batch: dict, device) -> torch.Tensor | None:
+    """The batch's (B, M) modality mask (`mmvae.data.presence`; columns in the model's
+    modality order), or None when every sample has every modality."""
+    present = batch.get(PRESENT)
+    return None if present is None else present.to(device, non_blocking=True)
+
+
 def train_step(ctx, batch: dict) -> dict:
     """Forward, backward (chunked / sharded as configured) and an optimiser step.
 
@@ -59,6 +69,7 @@ def train_step(ctx, batch: dict) -> dict:
     """
     cfg, model, acc, layout = ctx.cfg, ctx.model, ctx.accelerator, ctx.layout
     xs = batch_inputs(batch, model.modalities, acc.device)
+    present = batch_present(batch, acc.device)
     B, K = xs[0].shape[0], cfg.objective.K
     eps = draw_noise(model, K, B, noise_seed(cfg.train.seed, ctx.step, layout.dp_rank), acc.device)
     eps = shard_noise(eps, layout.shard_index, layout.particle_shards)
@@ -70,13 +81,13 @@ def train_step(ctx, batch: dict) -> dict:
             with acc.no_sync(ctx.wrapped):
                 acc.backward(loss)
 
-    def estimator(_model, xs_, K_, eps=None, reducer=None):
-        return ctx.wrapped(xs_, eps, reducer)
+    def estimator(_model, xs_, K_, eps=None, reducer=None, present=None):
+        return ctx.wrapped(xs_, eps, reducer, present)
 
     ctx.optimizer.zero_grad(set_to_none=True)
     with autocast(acc):
         if cfg.objective.name == "elbo":
-            value = ctx.wrapped(xs, eps)
+            value = ctx.wrapped(xs, eps, None, present)
             acc.backward(-value.mean())
             value = value.detach()
         else:
@@ -84,7 +95,8 @@ def train_step(ctx, batch: dict) -> dict:
             # P particle shards of a group, so each rank's loss is scaled by P.
             value = backward_objective(estimator, model, xs, eps, looser=ctx.looser,
                                        k_chunk=cfg.objective.k_chunk, reducer=layout.reducer,
-                                       loss_scale=layout.particle_shards, backward=backward)
+                                       loss_scale=layout.particle_shards, backward=backward,
+                                       present=present)
     bound = value.mean()
     max_norm = cfg.train.grad_clip or float("inf")
     # Under DeepSpeed the engine clips (its config's gradient_clipping) and this returns the norm
@@ -117,10 +129,15 @@ def _update(ctx, finite_loss: bool, finite_grad: bool) -> tuple[bool, bool]:
 
 
 @torch.no_grad()
-def test_bound(model, xs: list[torch.Tensor], K: int, k_chunk: int, seed: int) -> torch.Tensor:
+def test_bound(model, xs: list[torch.Tensor], K: int, k_chunk: int, seed: int,
+               present: torch.Tensor | None = None) -> torch.Tensor:
     """The paper's test objective: the joint m_iwae (iwae for one modality) with K particles,
-    `k_chunk` at a time; (B,)."""
+    `k_chunk` at a time; (B,). With `present`, each sample's bound over its own modalities."""
     eps = draw_noise(model, K, xs[0].shape[0], seed, xs[0].device)
     fixed = normalisers(model, xs, eps, looser=False, k_chunk=k_chunk or K,
-                        reducer=objectives.LocalReducer())
-    return fixed.lse - np.log(fixed.total)
+                        reducer=objectives.LocalReducer(), present=present)
+    bound = fixed.lse - np.log(fixed.total)
+    valid = model.component_mask(present)
+    if valid is not None:  # the sample's own S_b * K particles, not S * K
+        bound = bound - torch.log(valid.sum(0).to(bound.dtype) / valid.shape[0])
+    return bound

@@ -1,0 +1,129 @@
+"""Missing modalities through launch/train.py on tiny digits shards: data.drop_modalities on one
+process and with the K particles split over two (P=2 equals one process), and shards that really
+omit keys (manifest flag `missing_modalities`)."""
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmvae.config import ConfigError, check_missing_modalities
+from test_fusions_train import overrides
+from test_resume import DEMO, events, run_training, train_main, weights
+
+
+def train_bounds(run_dir):
+    return [e["bound"] for e in events(run_dir) if e["split"] == "train"]
+
+
+def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, tmp_path):
+    common = ["objective.name=dreg", "objective.K=2"]
+    for name, rate in (("full", "0"), ("drop", "0.3")):
+        assert train_main(["--config", str(DEMO), *overrides(
+            shards, tmp_path / name, "moe", *common, f"data.drop_modalities={rate}")]) == 0
+    full, drop = train_bounds(tmp_path / "full"), train_bounds(tmp_path / "drop")
+    assert len(drop) == 3 and all(torch.isfinite(torch.tensor(drop)))
+    assert drop != full  # the same batches and noise: only the mask differs
+    test = [e for e in events(tmp_path / "drop") if e["split"] == "test"]
+    assert test and test[-1]["data_errors"] == 0
+
+
+@pytest.mark.parametrize("fusion", ["moe", "mopoe"])
+def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, tmp_path, fusion):
+    common = ["objective.name=dreg", "objective.looser=true", "objective.K=2",
+              "data.drop_modalities=0.3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(1, *overrides(shards, one, fusion, *common))
+    run_training(2, *overrides(shards, two, fusion, *common, "parallel.particle_shards=2"))
+    got, want = events(two), events(one)
+    assert [(e["step"], e["split"]) for e in got] == [(e["step"], e["split"]) for e in want]
+    for g, w in zip(got, want):
+        for key in ("bound", "grad_norm"):
+            if key in w:
+                assert g[key] == pytest.approx(w[key], rel=1e-5), (key, g, w)
+    for name, value in weights(one).items():
+        torch.testing.assert_close(weights(two)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def omit_keys(src, dst, every: int = 3) -> int:
+    """A copy of the shards where every `every`-th sample lacks svhn.png (and the one after it
+    mnist.png), with the manifest's sizes, hashes and flag updated. Returns how many omitted."""
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    count = 0
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            path = dst / entry["file"]
+            with tarfile.open(path) as tar:
+                members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+            keys = sorted({m.name.partition(".")[0] for m, _ in members})
+            gone = {(k, "svhn.png") for k in keys[::every]} | {(k, "mnist.png") for k in keys[1::every]}
+            with tarfile.open(path, "w") as tar:
+                for member, data in members:
+                    if tuple(member.name.split(".", 1)) in gone:
+                        count += 1
+                        continue
+                    tar.addfile(member, io.BytesIO(data))
+            entry.update(bytes=path.stat().st_size, sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    manifest["missing_modalities"] = True
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return count
+
+
+@pytest.mark.parametrize("fusion,objective", [("poe", "elbo"), ("mopoe", "iwae")])
+def test_shards_that_omit_keys_train_with_the_mask(shards, tmp_path, fusion, objective):
+    partial = tmp_path / "partial"
+    assert omit_keys(shards, partial) > 10
+    run_dir = tmp_path / "run"
+    assert train_main(["--config", str(DEMO), *overrides(
+        partial, run_dir, fusion, f"objective.name={objective}", "objective.K=2",
+        "data.on_error=raise")]) == 0
+    seen = events(run_dir)
+    assert all(torch.isfinite(torch.tensor(e["bound"])) for e in seen if "bound" in e)
+    assert [e for e in seen if e["split"] == "test"][-1]["data_errors"] == 0
+
+
+def test_a_fusion_without_mask_support_is_a_one_line_config_error():
+    cfg = SimpleNamespace(model=SimpleNamespace(fusion="moe_plus"),
+                          data=SimpleNamespace(drop_modalities=0.3))
+    with pytest.raises(ConfigError, match=r"model.fusion=moe_plus does not support missing "
+                                          r"modalities \(data.drop_modalities\); use "
+                                          r"model.fusion=moe\|mopoe\|poe"):
+        check_missing_modalities(cfg, True, "data.drop_modalities")
+    check_missing_modalities(cfg, False, "data.drop_modalities")  # nothing missing: fine
+
+
+def test_drop_modalities_out_of_range_or_on_one_modality_is_exit_2(shards, tmp_path, capsys):
+    assert train_main(["--config", str(DEMO), *overrides(
+        shards, tmp_path / "a", "moe", "data.drop_modalities=1")]) == 2
+    assert "data.drop_modalities=1.0 must be in [0, 1)" in capsys.readouterr().err
+    assert train_main(["--config", str(DEMO), *overrides(
+        shards, tmp_path / "b", "moe", "model.name=mnist", "data.drop_modalities=0.2")]) == 2
+    err = capsys.readouterr().err
+    assert "needs a multimodal model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluation_batches_hold_only_the_samples_with_every_modality(shards, tmp_path):
+    """launch/evaluate.py's metrics read through EvalContext: on shards that omit keys they see
+    the complete samples, never a placeholder."""
+    import mmvae
+    from mmvae.config import load_config
+    from mmvae.eval.context import EvalContext
+
+    partial = tmp_path / "partial"
+    omit_keys(shards, partial)
+    cfg = load_config(None, [f"data.shards={partial}", "model.name=mnist_svhn"])
+    ctx = EvalContext(tmp_path, cfg, mmvae.build_model("mnist_svhn"), cfg.eval, 0,
+                      torch.device("cpu"))
+    manifest = json.loads((partial / "manifest.json").read_text())
+    total = manifest["splits"]["test"]["num_samples"]
+    seen = [(xs, labels) for xs, labels in ctx.labelled_batches("test", batch_size=4)]
+    n = sum(len(labels) for _, labels in seen)
+    # omit_keys takes svhn from every third sample of a shard and mnist from the one after it
+    per_shard = [e["count"] for e in manifest["splits"]["test"]["shards"]]
+    assert n == sum(c - len(range(0, c, 3)) - len(range(1, c, 3)) for c in per_shard) < total
+    assert all(x.flatten(1).amax(1).gt(0).all() for xs, _ in seen for x in xs)
