@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+import re
 from dataclasses import dataclass
 from itertools import islice
 from typing import Any, Iterator, Sequence
@@ -63,11 +64,12 @@ import webdataset as wds
 # Decoding and collation (decode.py) and error handling (errors.py) are their own modules; their
 # names stay importable from here, where callers and tests have always found them.
 from mmvae.data.decode import Decode, ToTensors, collate, images_to_float  # noqa: F401
-from mmvae.data.errors import (ErrorCounter, ShardDataError, ShardsError,  # noqa: F401
+from mmvae.data.errors import (ErrorCounter, ShardDataError, ShardsError, describe,  # noqa: F401
                                ShardsNotFound, one_line)
 from mmvae.data.manifest import MANIFEST, read_manifest
 from mmvae.data.samples import IMAGE_EXTS, decode_image  # noqa: F401
 from mmvae.data.store import open_store
+from mmvae.data.tarread import tar_members
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +159,12 @@ class ResampleSeed:
 class ReadShards:
     """Stage ``read``: for each shard name, open it through the store (closed as soon as it
     has been read, not left to the garbage collector), compare its size with the manifest,
-    turn its tar members into samples (webdataset's member iterator, grouped by key here), and
-    at the end of the shard check how many samples came out against the manifest's count.
+    turn its tar members into samples (:func:`mmvae.data.tarread.tar_members`, grouped by key
+    here), and at the end of the shard check how many samples came out against the
+    manifest's count.
 
-    A tar that ends early (truncated, garbage, a bad header: Python's tarfile then stops
-    without an error) loses the samples it does not yield; they are counted at the end of the
+    A tar that ends early (truncated, garbage, a bad header: the reader names the problem)
+    loses the samples it does not yield; they are counted at the end of the
     shard. A shard closed early (a training quota met) is not checked."""
 
     def __init__(self, store, expected: dict[str, tuple[int, int]], errors: ErrorCounter):
@@ -184,46 +187,51 @@ class ReadShards:
                 size = self.store.stream_size(stream)
                 if size is not None and size != nbytes:
                     self.errors.problem(shard, f"is {size} bytes, the manifest says {nbytes}")
-                member_errors: list[str] = []
-
-                def on_member_error(exn):
-                    member_errors.append(self.errors.tar_error(shard, exn))
-                    return True
-
                 try:
-                    members = wds.tariterators.tar_file_iterator(stream, handler=on_member_error)
-                    for sample in _group_by_key(members, shard):
+                    for sample in _group_by_key(tar_members(stream), shard):
                         arrived += 1
                         yield sample
                 except ShardDataError:
                     raise
-                except Exception as exn:  # noqa: BLE001 - a broken tar: count what it lost
-                    why = self.errors.tar_error(shard, exn)
-                why = why or (member_errors[-1] if member_errors else None)
+                except Exception as exn:  # noqa: BLE001 - a broken tar: count what it lost (below)
+                    why = describe(exn)
         if arrived < expected:
             self.errors.lost(shard, expected - arrived, expected,
                              why or "the tar ends early: truncated or corrupt")
         elif arrived > expected:
             self.errors.problem(shard, f"holds {arrived} samples, the manifest says {expected}")
+        elif why is not None:
+            self.errors.problem(shard, f"is damaged after its last sample ({why})")
+
+
+_KEY_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext rule, compiled once
 
 
 def _group_by_key(members, shard: str):
-    """Consecutive tar members sharing a key -> one sample ``{"__key__", "__url__", ext:
-    bytes}`` (webdataset's key rule); a repeated file marks the sample bad."""
+    """Consecutive tar members ``(name, bytes)`` sharing a key -> one sample ``{"__key__",
+    "__url__", ext: bytes}`` (webdataset's key rule); a repeated file marks the sample bad.
+    When the tar breaks, the sample read so far still comes out (as it does when tarfile
+    stops quietly; a missing file is then reported by ``select_keys``), then the error."""
     current = None
-    for member in members:
-        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
-        if prefix is None:
-            continue
-        suffix = suffix.lower()
-        if current is None or prefix != current["__key__"]:
-            if current is not None:
-                yield current
-            current = {"__key__": prefix, "__url__": shard}
-        if suffix in current:
-            current["__bad__"] = f"file {member['fname']} appears twice"
-        else:
-            current[suffix] = member["data"]
+    match = _KEY_EXT.match
+    try:
+        for name, data in members:
+            parts = match(name)
+            if parts is None:
+                continue
+            prefix, suffix = parts.group(1), parts.group(2).lower()
+            if current is None or prefix != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix, "__url__": shard}
+            if suffix in current:
+                current["__bad__"] = f"file {name} appears twice"
+            else:
+                current[suffix] = data
+    except Exception:
+        if current is not None:
+            yield current
+        raise
     if current is not None:
         yield current
 
