@@ -43,7 +43,10 @@ def _number(field: bytes) -> int:
 
 def _checksum_ok(header: bytes) -> bool:
     """The stored checksum matches the unsigned (POSIX) or signed (old tars) byte sum."""
-    stored = _number(header[148:156])
+    try:
+        stored = int(header[148:154], 8)                  # "%06o\0 ": what tar writers write
+    except ValueError:
+        stored = _number(header[148:156])
     unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as spaces
     if stored == unsigned:
         return True
@@ -105,29 +108,44 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     seeked), skipping webdataset's ``__...__`` metadata names. Raises ``tarfile.ReadError``
     for a damaged header or a stream that ends inside a member."""
     chunks = _Chunks(stream)
+    take = chunks.take
     pax: dict[str, str] = {}
     long_name = None
     first = True
     while True:
-        header = chunks.take(BLOCK)
-        if not header:
-            if first:
+        pos = chunks.pos
+        if len(chunks.buf) - pos >= BLOCK:                # inline take(BLOCK): the common case
+            header = chunks.buf[pos:pos + BLOCK]
+            chunks.pos = pos + BLOCK
+        else:
+            header = take(BLOCK)
+        if len(header) < BLOCK or header == _ZERO:
+            if not header and first:
                 raise tarfile.ReadError("empty file")
-            return                                        # no end-of-archive blocks: tarfile accepts it
-        if len(header) < BLOCK:
-            raise tarfile.ReadError("unexpected end of data")
-        if header == _ZERO:
-            return                                        # end of archive
+            if header and header != _ZERO:
+                raise tarfile.ReadError("unexpected end of data")
+            return                    # end of archive (or no end blocks: tarfile accepts that too)
         if not _checksum_ok(header):
             raise tarfile.ReadError("bad checksum" if not first else "invalid header")
         first = False
         kind = header[156]
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
+        if "size" in pax:
+            size = int(pax["size"])
+        else:
+            try:
+                size = int(header[124:135], 8)            # 11 octal digits: the usual form
+            except ValueError:
+                size = _number(header[124:136])
         padded = size + (-size % BLOCK)
-        data = chunks.take(padded)
-        if len(data) < padded:
-            raise tarfile.ReadError("unexpected end of data")
-        payload = data[:size] if size != padded else data
+        pos = chunks.pos
+        if len(chunks.buf) - pos >= padded:               # inline take(padded), one copy
+            payload = chunks.buf[pos:pos + size]
+            chunks.pos = pos + padded
+        else:
+            data = take(padded)
+            if len(data) < padded:
+                raise tarfile.ReadError("unexpected end of data")
+            payload = data[:size] if size != padded else data
         if kind == _PAX:
             pax = _pax_records(payload)
             continue
@@ -136,7 +154,7 @@ def tar_members(stream) -> Iterator[tuple[str, bytes]]:
         if kind == _LONGNAME:
             long_name = payload.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             continue
-        name = pax.get("path") or long_name or _name(header)
+        name = pax.get("path") or long_name or _name(header) if pax or long_name else _name(header)
         pax, long_name = {}, None
         if kind not in _REGULAR or name.endswith("/") or (name[:2] == "__" and _META.match(name)):
             continue

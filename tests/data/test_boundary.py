@@ -38,14 +38,14 @@ MODALITIES = {"digits": ["mnist", "svhn"], "shapes_ft": ["feature", "caption"]}
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """Tiny built-in shards, built once: digits (test: 2 shards of 5) and shapes_ft (test: 2
-    shards of 10)."""
+    """Tiny built-in shards, built once: digits (test: 2 shards of 5; PNG images, whose damage
+    these cases model -- test_encoding.py damages .npy ones) and shapes_ft (test: 2 shards of 10)."""
     from mmvae.data.recipes.digits import build_digits
     from mmvae.data.recipes.shapes import build_shapes
 
     root = tmp_path_factory.mktemp("pristine")
     build_digits(root / "digits", pairs_per_instance=1, sources_per_class=4, train_shards=4,
-                 test_shards=2, progress=False)
+                 test_shards=2, encoding="png", progress=False)
     build_shapes(root / "shapes_ft", train_scenes=4, test_scenes=2, features=True, min_shards=2,
                  progress=False)
     return root
