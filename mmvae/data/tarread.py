@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 from typing import Iterator
 
 BLOCK = 512
@@ -41,13 +42,21 @@ def _number(field: bytes) -> int:
         raise tarfile.ReadError(f"invalid header (number field {text[:12]!r})") from None
 
 
+def _byte_sum(header: bytes) -> int:
+    """``sum(header)`` of a 512-byte block at C speed: adler32 gives the sum mod 65521 and the
+    block as one integer gives it mod 255 (256 = 1 mod 255); the sum is below 2 x 65521, and
+    the two candidates differ mod 255, so this is exact (tested against ``sum``)."""
+    low = ((zlib.adler32(header) & 0xFFFF) - 1) % 65521
+    return low if (low - int.from_bytes(header, "little")) % 255 == 0 else low + 65521
+
+
 def _checksum_ok(header: bytes) -> bool:
     """The stored checksum matches the unsigned (POSIX) or signed (old tars) byte sum."""
     try:
         stored = int(header[148:154], 8)                  # "%06o\0 ": what tar writers write
     except ValueError:
         stored = _number(header[148:156])
-    unsigned = sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as spaces
+    unsigned = _byte_sum(header) - sum(header[148:156]) + 8 * 32  # the field counts as spaces
     if stored == unsigned:
         return True
     high = sum(1 for b in header[:148] + header[156:] if b > 127)

@@ -257,3 +257,13 @@ def test_the_tar_reader_names_a_truncated_or_corrupt_tar():
         list(tar_members(io.BytesIO(bytes(corrupt))))
     with pytest.raises(tarfile.ReadError, match="empty file"):
         list(tar_members(io.BytesIO(b"")))
+
+
+def test_the_fast_header_byte_sum_equals_sum_on_any_block():
+    from mmvae.data.tarread import _byte_sum
+
+    rng = np.random.default_rng(0)
+    blocks = [bytes(512), b"\xff" * 512, _tar(MEMBERS, tarfile.PAX_FORMAT)[:512]]
+    blocks += [rng.integers(0, 256, 512, dtype=np.uint8).tobytes() for _ in range(300)]
+    blocks += [rng.choice(np.array([0, 0, 48, 200, 255], np.uint8), 512).tobytes() for _ in range(300)]
+    assert all(_byte_sum(b) == sum(b) for b in blocks)
