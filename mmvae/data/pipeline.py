@@ -14,7 +14,8 @@ open_clip's ``get_wds_dataset``::
     select_keys        keep the requested modalities (key stems, or full keys such as
                        caption.txt); a missing one is a bad sample
     shuffle            seeded sample shuffle buffer (seed, epoch, dp_rank, worker)
-    decode             by file extension: images -> uint8 CHW arrays, .cls -> int, ...;
+    decode             by file extension: images (PNG/JPEG, or .npy with the spec's encoding
+                       npy) -> uint8 CHW arrays, .cls -> int, ...;
                        each value checked against the manifest's modality spec (shape,
                        dtype, caption length) and float arrays for NaN/inf
     repeat_passes      the stages above form one pass over the rank's shards; training repeats
@@ -553,7 +554,8 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
     as dict batches.
 
     Each batch maps every requested modality stem to a tensor (images: float32 (B, C, H, W) in
-    [0, 1], grayscale kept as C=1; ``.npy``: float32; ``.cls``: int64 (B,); ``.json`` holding a
+    [0, 1], grayscale kept as C=1, whether stored as PNG/JPEG or as raw ``.npy`` (spec
+    ``encoding: npy``); other ``.npy``: float32; ``.cls``: int64 (B,); ``.json`` holding a
     list of ints (token ids): int64 (B, L); other ``.json`` and ``.txt``: lists), plus ``"label"`` (int64 (B,)) when the manifest lists ``label.cls``, plus
     ``"__key__"`` (list of sample keys) when ``return_keys``.
 
