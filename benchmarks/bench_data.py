@@ -3,6 +3,7 @@
     python benchmarks/bench_data.py                       # 20k samples per format, workers 0 and 2
     python benchmarks/bench_data.py --samples 50000 --workers 0 2 4 --repeats 3
     python benchmarks/bench_data.py --samples 5000 --baseline /path/to/other/checkout   # before/after
+    python benchmarks/bench_data.py --stages --samples 10000    # per-stage cost, per recipe and encoding
 
 Builds, in a temporary folder, MNIST-SVHN shards with the real recipe from fake idx/.mat files
 (handwritten 8×8 digits upsampled to 28×28, rendered SVHN-like crops: PNG sizes like the real
@@ -19,10 +20,18 @@ alternating the two checkouts --repeats times, and the ratio of their median CPU
 is printed (CPU time: robust to other load on the machine, not to cache effects). It also
 times ``data.verify=sha256`` on the shards (just written, so from the page cache: the hashing
 cost, not the disk's).
+
+``--stages`` measures the decode cost per sample by stage, for each recipe (mnist_svhn,
+polydigits, cub-like) and image encoding (png, npy; CUB is JPEG only), in this process with
+one torch thread, with each ``data.tar_reader`` (webdataset, fast): read (tar members -> samples, key selection), decode + spec check, collate,
+to-tensor (numpy -> torch, uint8 -> float), the rest of a real loader epoch (shuffle buffer,
+pipeline glue), all in CPU µs per sample, then the loader's pairs/s per core (CPU time, 0
+workers) and the shards' bytes per sample. Ends with one JSON line of the same figures.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -43,7 +52,7 @@ SETS = {"mnist_svhn": ("mnist_svhn", ["mnist", "svhn"], 128), "cubIS": ("cub", [
         "cubISft": ("cub", ["feature", "caption"], 64)}
 
 
-def fake_mnist_svhn(root: Path, samples: int) -> Path:
+def fake_mnist_svhn(root: Path, samples: int, encoding: str = "png") -> Path:
     """Real-format raw files, then the real recipe: ~``samples`` train pairs."""
     import gzip
 
@@ -56,8 +65,8 @@ def fake_mnist_svhn(root: Path, samples: int) -> Path:
     mnist = np.concatenate([to_mnist(x) for x in images8])                 # (N, 28, 28)
     fonts = available_fonts()
     svhn = np.stack([render_printed(int(d), np.random.default_rng([1, i]), fonts) for i, d in enumerate(labels)])
-    (root / "mnist").mkdir(parents=True)
-    (root / "svhn").mkdir()
+    (root / "mnist").mkdir(parents=True, exist_ok=True)
+    (root / "svhn").mkdir(exist_ok=True)
     for split, sl in (("train", slice(None)), ("test", slice(0, 200))):
         prefix = "train" if split == "train" else "t10k"
         for name, arr, magic in (("images-idx3", mnist[sl], 2051), ("labels-idx1", labels[sl], 2049)):
@@ -69,9 +78,10 @@ def fake_mnist_svhn(root: Path, samples: int) -> Path:
         savemat(root / "svhn" / f"{split}_32x32.mat", {"X": svhn[sl].transpose(2, 3, 1, 0), "y": y[:, None]})
     dm = -(-samples // len(labels))
     start = time.perf_counter()
-    build_mnist_svhn(root / "mnist", root / "svhn", root / "mnist_svhn", pairs_per_instance=dm, progress=False)
-    print(f"built mnist_svhn ({dm * len(labels)} train pairs) in {time.perf_counter() - start:.1f} s")
-    return root / "mnist_svhn"
+    out = root / f"mnist_svhn_{encoding}"
+    build_mnist_svhn(root / "mnist", root / "svhn", out, pairs_per_instance=dm, encoding=encoding, progress=False)
+    print(f"built mnist_svhn {encoding} ({dm * len(labels)} train pairs) in {time.perf_counter() - start:.1f} s")
+    return out
 
 
 def fake_cub(root: Path, samples: int) -> Path:
@@ -162,6 +172,90 @@ def time_sha256(built: dict) -> None:
         print(report.timing())
 
 
+# ----------------------------------------------------------------------------- --stages
+def fake_polydigits(root: Path, samples: int, encoding: str) -> Path:
+    from mmvae.data.recipes.polydigits import build_polydigits
+
+    out = root / f"polydigits_{encoding}"
+    build_polydigits(out, train_samples=samples, test_samples=200, encoding=encoding, progress=False)
+    return out
+
+
+def _cpu(fn, repeats: int = 3):
+    """(result, least CPU seconds of ``repeats`` runs). The garbage collector is off while
+    timing: the stages' outputs are kept in lists here, which a loader never does, and the
+    collector's passes over them would be charged to whichever stage is running."""
+    import gc
+
+    best = float("inf")
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.process_time()
+            result = fn()
+            best = min(best, time.process_time() - start)
+        finally:
+            gc.enable()
+    return result, best
+
+
+def stage_costs(shards: Path, modalities, batch_size: int, tar_reader: str) -> dict:
+    """CPU µs per sample of each stage over the train split, and the loader's samples/s."""
+    from mmvae.data.decode import Decode, ToTensors, collate, images_to_float
+    from mmvae.data.errors import ErrorCounter
+    from mmvae.data.pipeline import ReadShards, SelectKeys, _split_info, make_loader
+
+    info, errors = _split_info(shards, "train"), ErrorCounter("raise")
+    stems = list(modalities) + ["label"]
+    samples, t_read = _cpu(lambda: list(SelectKeys(stems, errors)(
+        ReadShards(info.store, info.expected, errors, tar_reader)({"url": f} for f in info.files))))
+    decoded, t_decode = _cpu(lambda: list(Decode(errors, info.spec)(samples)))
+    groups = [decoded[i:i + batch_size] for i in range(0, len(decoded) - batch_size + 1, batch_size)]
+    batches, t_collate = _cpu(lambda: [collate(g) for g in groups])
+    _, t_tensor = _cpu(lambda: [images_to_float(b) for b in ToTensors(False)(batches)])
+    n, per = len(decoded), 1e6 / len(decoded)
+    used = sum(len(g) for g in groups)
+    loader = make_loader(shards, "train", batch_size=batch_size, modalities=modalities, tar_reader=tar_reader)
+    count, t_loader = _cpu(lambda: sum(len(b[modalities[0]]) for b in loader))
+    costs = {"read": t_read * per, "decode+check": t_decode * per, "collate": t_collate * 1e6 / used,
+             "to_tensor": t_tensor * 1e6 / used}
+    total = t_loader * 1e6 / count
+    costs["other"] = max(0.0, total - sum(costs.values()))
+    nbytes = sum(info.sizes) / n
+    return {"us": costs, "total_us": total, "per_core": count / t_loader, "bytes_per_sample": nbytes}
+
+
+def run_stages(root: Path, samples: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    plan = [("mnist_svhn", enc, lambda e: fake_mnist_svhn(root, samples, e), ["mnist", "svhn"], 128)
+            for enc in ("png", "npy")]
+    plan += [("polydigits", enc, lambda e: fake_polydigits(root, samples, e), [f"m{i}" for i in range(5)], 256)
+             for enc in ("png", "npy")]
+    plan += [("cub-like", "jpg", lambda e: fake_cub(root, samples), ["image", "caption"], 64)]
+    print(f"load average before timing: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(f"{'recipe':<11} {'enc':<4} {'tar':<10} {'B':>4} {'read':>6} {'decode':>7} {'collate':>7} {'tensor':>6} "
+          f"{'other':>6} {'total µs':>8} {'samples/s/core':>14} {'bytes/sample':>12}")
+    rows = []
+    built = {}
+    for (recipe, encoding, build, modalities, batch_size), reader in itertools.product(plan, ("webdataset", "fast")):
+        if (recipe, encoding) not in built:
+            built[recipe, encoding] = build(encoding)
+        result = stage_costs(built[recipe, encoding], modalities, batch_size, reader)
+        us = result["us"]
+        print(f"{recipe:<11} {encoding:<4} {reader:<10} {batch_size:>4} {us['read']:>6.1f} {us['decode+check']:>7.1f} "
+              f"{us['collate']:>7.1f} {us['to_tensor']:>6.1f} {us['other']:>6.1f} {result['total_us']:>8.1f} "
+              f"{result['per_core']:>14,.0f} {result['bytes_per_sample']:>12,.0f}", flush=True)
+        rows.append({"recipe": recipe, "encoding": encoding, "tar_reader": reader, "batch_size": batch_size,
+                     **result})
+    load = os.getloadavg()[0]
+    print(f"load average after: {load:.1f}")
+    print(json.dumps({"bench": "data_stages", "samples": samples, "load": load, "cores": os.cpu_count(),
+                      "rows": rows}))
+
+
 def parse_args(argv):
     """The options, checked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,6 +264,8 @@ def parse_args(argv):
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
     parser.add_argument("--dir", help="keep the shards here (default: a temporary folder)")
+    parser.add_argument("--stages", action="store_true",
+                        help="per-stage cost per recipe and encoding, and pairs/s per core (see above)")
     parser.add_argument("--baseline", type=Path,
                         help="another checkout: compare its loader with this one's (see above)")
     return parser.parse_args(argv)
@@ -182,6 +278,9 @@ def main(argv=None) -> int:
         return 2
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench_data_"))
     try:
+        if args.stages:
+            run_stages(root, args.samples)
+            return 0
         built = {}
         if "mnist_svhn" in args.sets:
             built["mnist_svhn"] = fake_mnist_svhn(root, args.samples)

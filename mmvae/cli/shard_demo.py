@@ -9,15 +9,17 @@
 digits: MNIST-SVHN-shaped pairs; shapes: CUB-shaped image-caption pairs (shapes_simple: one
 object per image and three fixed phrasings, the caption demo's data; shapes_ft adds stand-in
 2048-d features for the cubISft models); polydigits: PolyMNIST-shaped, one digit class in five
-textured 3×28×28 modalities m0..m4."""
+textured 3×28×28 modalities m0..m4. digits and polydigits store images as raw uint8 .npy
+(--encoding npy, the default: fastest to load) or PNG (--encoding png: smaller shards)."""
 from __future__ import annotations
 
 import argparse
 
 from mmvae.argv import OneLineParser, build_shards
+from mmvae.data.samples import IMAGE_ENCODINGS
 
 OPTIONS = {"--pairs-per-instance": ("digits",), "--scenes": ("shapes", "shapes_ft", "shapes_simple"),
-           "--samples": ("polydigits",)}
+           "--samples": ("polydigits",), "--encoding": ("digits", "polydigits")}
 
 
 def parse_args(argv):
@@ -31,6 +33,9 @@ def parse_args(argv):
                         help="shapes: number of train and test scenes (default 3000 1000)")
     parser.add_argument("--samples", type=int, nargs=2, metavar=("TRAIN", "TEST"),
                         help="polydigits: number of train and test samples (default 10000 2000)")
+    parser.add_argument("--encoding", choices=IMAGE_ENCODINGS,
+                        help="digits, polydigits: images as raw uint8 .npy (default; fastest to load) or png "
+                             "(smaller shards); shapes keep JPEG")
     args = parser.parse_args(argv)
 
     from mmvae.data.builtin import BUILTINS
@@ -61,6 +66,8 @@ def main(argv=None) -> int:
         kwargs["train_scenes"], kwargs["test_scenes"] = args.scenes
     if args.samples is not None:
         kwargs["train_samples"], kwargs["test_samples"] = args.samples
+    if args.encoding is not None:
+        kwargs["encoding"] = args.encoding
     return build_shards(args.out, lambda: BUILTINS[args.dataset](args.out, **kwargs),
                         lambda m: args.dataset)
 

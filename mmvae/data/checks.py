@@ -218,7 +218,7 @@ def sample_problems(shards, splits: Sequence[str] | None = None) -> Iterator[str
     """Decode every sample of ``splits`` (default: all) and check it against the manifest's
     modality spec (``verify --samples``): one line per bad sample, naming shard, key and
     reason. Reads and decodes everything: minutes for millions of samples."""
-    from mmvae.data.samples import check_value, decode_value  # numpy + Pillow, no torch
+    from mmvae.data.samples import check_value, decode_value, image_encoding  # numpy + Pillow, no torch
 
     store = open_store(shards)
     manifest = read_manifest(store)
@@ -239,7 +239,8 @@ def sample_problems(shards, splits: Sequence[str] | None = None) -> Iterator[str
                             continue
                         for name, data in files.items():
                             try:
-                                kind, value = decode_value(name.partition(".")[2], data)
+                                kind, value = decode_value(name.partition(".")[2], data,
+                                                           image_encoding(name, spec.get(name)))
                                 why = check_value(name, kind, value, spec.get(name))
                             except Exception as exn:  # noqa: BLE001 - report, go on
                                 why = f"cannot decode {name} ({type(exn).__name__}: {one_line(exn)})"

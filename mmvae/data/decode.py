@@ -10,7 +10,8 @@ import numpy as np
 import torch
 
 from mmvae.data.errors import ErrorCounter, describe
-from mmvae.data.samples import check_value, compile_spec, decode_value, fits, spec_of
+from mmvae.data.samples import (check_value, compile_spec, decode_value, fits, image_encoding, npy_header,
+                                spec_of)
 
 
 class Decode:
@@ -18,16 +19,37 @@ class Decode:
     manifest's modality spec (shape, dtype, caption length; float arrays must be finite). A
     failure is reported with shard, key and reason and the sample dropped, so a batch only
     ever holds samples that fit together. Without a spec in the manifest (folders built before
-    it existed), the first good value of each key in this worker sets it."""
+    it existed), the first good value of each key in this worker sets it.
+
+    Raw ``.npy`` images (spec ``encoding: npy``) take a fast path: a payload that is exactly
+    the header numpy writes for the spec's uint8 shape plus that many bytes *is* a fitting
+    image, a view of the bytes; anything else goes through the full, refusing decoder
+    (:func:`mmvae.data.samples.decode_npy_image`) and the same checks as any image."""
 
     def __init__(self, errors: ErrorCounter, spec: dict | None):
         self.errors, self.spec, self.learn = errors, dict(spec or {}), spec is None
         self._compiled = {key: compile_spec(value) for key, value in self.spec.items()}
+        self._encoding = {key: image_encoding(key, value) for key, value in self.spec.items()}
+        self._raw = {key: self._raw_image(value) for key, value in self.spec.items() if self._encoding[key]}
+
+    @staticmethod
+    def _raw_image(spec: dict) -> tuple | None:
+        """(header, total bytes, shape) of a fitting raw image, or None if the spec has no
+        plain uint8 shape (then every payload takes the full decoder)."""
+        shape = spec.get("shape")
+        if spec.get("dtype", "uint8") != "uint8" or not isinstance(shape, list) \
+                or not all(type(n) is int and n > 0 for n in shape):
+            return None
+        header = npy_header(shape)
+        return header, len(header) + int(np.prod(shape)), tuple(shape)
 
     def _decode(self, stem: str, ext: str, data: bytes):
         key = stem if "." in stem else f"{stem}.{ext}"
+        raw = self._raw.get(key)
+        if raw is not None and len(data) == raw[1] and data.startswith(raw[0]):
+            return ("image", np.frombuffer(data, np.uint8, offset=len(raw[0])).reshape(raw[2])), None, None
         try:
-            kind, value = decode_value(ext, data)
+            kind, value = decode_value(ext, data, self._encoding.get(key))
         except Exception as exn:  # noqa: BLE001 - corrupt image, bad int, bad json, not UTF-8
             return None, f"cannot decode {key} ({describe(exn)})", exn
         compiled = self._compiled.get(key)
@@ -42,8 +64,10 @@ class Decode:
     def __call__(self, src):
         for sample in src:
             out = {"__key__": sample["__key__"]}
-            for stem, (ext, data) in ((k, v) for k, v in sample.items() if not k.startswith("__")):
-                out[stem], why, exn = self._decode(stem, ext, data)
+            for stem, value in sample.items():
+                if stem[:2] == "__":
+                    continue
+                out[stem], why, exn = self._decode(stem, *value)
                 if why is not None:
                     self.errors.sample(sample["__url__"], sample["__key__"], why, exn)
                     break

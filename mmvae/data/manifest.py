@@ -20,6 +20,9 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 BUILD_HINT = ("build the shards first: `python launch/shard_demo.py --dataset digits --out DIR`, "
               "`python launch/shard_mnist_svhn.py ...` or `python launch/shard_cub.py ...`")
 REBUILD = f"fix or rebuild it; {BUILD_HINT}"
+# Image encodings a manifest's spec may name (``spec[key]["encoding"]``): Pillow's formats by
+# extension, and raw uint8 .npy (mmvae.data.samples.IMAGE_ENCODINGS are what recipes write).
+READABLE_ENCODINGS = ("png", "jpg", "jpeg", "ppm", "pgm", "pbm", "bmp", "webp", "tif", "tiff", "npy")
 
 
 def shard_name_ok(split: str, name) -> bool:
@@ -89,6 +92,13 @@ def manifest_problems(manifest) -> list[str]:
         problems.append("spec is not an object of file key -> modality spec")
     if manifest.get("missing_modalities") not in (None, True, False):
         problems.append("missing_modalities is not true or false")
+    for key, entry in (manifest.get("spec") or {}).items() if isinstance(manifest.get("spec"), dict) else ():
+        encoding = entry.get("encoding") if isinstance(entry, dict) else None
+        if encoding is not None and encoding not in READABLE_ENCODINGS:
+            problems.append(f"spec of {key!r} names image encoding {encoding!r}; this version reads "
+                            f"{', '.join(READABLE_ENCODINGS)} (update mmvae or rebuild the shards)")
+        elif encoding == "npy" and not str(key).endswith(".npy"):
+            problems.append(f"spec of {key!r} says encoding npy but the file is not a .npy")
     return problems
 
 

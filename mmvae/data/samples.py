@@ -47,13 +47,68 @@ def decode_image(data: bytes, ext: str = "") -> np.ndarray:
     return array.transpose(2, 0, 1)
 
 
-def decode_value(ext: str, data: bytes) -> tuple[str, Any]:
-    """Decode one payload by its (last) file extension into (kind, value)."""
+# ----------------------------------------------------------------------------- raw images
+# Image encodings a recipe may choose at shard time (``--encoding``). ``npy``: the uint8 image
+# as a ``.npy`` file, C-order (C, H, W) -- the layout the loader's batches have, so decoding is
+# a header check and a reshape of the bytes. The manifest's spec marks such a file
+# ``{"kind": "image", "encoding": "npy", ...}`` (a ``.npy`` without it is a float array).
+IMAGE_ENCODINGS = ("png", "npy")
+NPY_LAYOUT = "CHW"
+_NPY_HEADER_MAX = 4096  # numpy writes 128 bytes for any image shape; a longer header is hostile
+
+
+def encode_npy_image(image_chw: np.ndarray) -> bytes:
+    """(C, H, W) uint8 -> ``.npy`` bytes (C order; what np.save writes)."""
+    image = np.asarray(image_chw)
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise ValueError(f"expected a uint8 (C, H, W) image, got {image.dtype} {image.shape}")
+    return npy_header(image.shape) + np.ascontiguousarray(image).tobytes()
+
+
+def npy_header(shape, dtype="uint8") -> bytes:
+    """The exact header numpy writes before a C-order array of ``shape`` and ``dtype``: the
+    loader's fast path compares it byte for byte (:class:`mmvae.data.decode.Decode`)."""
+    buf = io.BytesIO()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(int(n) for n in shape)}
+    np.lib.format.write_array_header_1_0(buf, header)
+    return buf.getvalue()
+
+
+def decode_npy_image(data: bytes) -> np.ndarray:
+    """``.npy`` bytes -> the array they hold, refusing what ``np.load`` would trust: the
+    header is parsed alone (never unpickled: object dtypes are refused) and the payload must
+    have exactly the bytes the header announces before anything is allocated (a hostile
+    header cannot ask for terabytes). dtype and shape are the spec check's job."""
+    stream = io.BytesIO(data)
+    major, _ = np.lib.format.read_magic(stream)
+    if major not in (1, 2, 3):
+        raise ValueError(f"unsupported .npy format version {major}")
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    shape, fortran, dtype = read_header(stream, max_header_size=_NPY_HEADER_MAX)
+    if dtype.hasobject:
+        raise ValueError(f"object dtype {dtype} refused (it would be unpickled); images are uint8")
+    if dtype.itemsize == 0 or any(n < 0 for n in shape):
+        raise ValueError(f"invalid array header (dtype {dtype}, shape {shape})")
+    count = math.prod(shape)
+    offset = stream.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"the header announces {count * dtype.itemsize} bytes of data, the file "
+                         f"holds {len(data) - offset} (truncated or padded)")
+    array = np.frombuffer(data, dtype, count, offset)
+    return array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
+
+
+def decode_value(ext: str, data: bytes, encoding: str | None = None) -> tuple[str, Any]:
+    """Decode one payload by its (last) file extension into (kind, value); ``encoding="npy"``
+    (from the manifest's spec) reads a ``.npy`` as a uint8 image rather than a float array."""
     last = ext.rsplit(".", 1)[-1].lower()
     if last in IMAGE_EXTS:
         return "image", decode_image(data, last)
     if last == "cls":
         return "int", int(data.decode("utf-8").strip())
+    if last == "npy" and encoding == "npy":
+        return "image", decode_npy_image(data)
     if last == "npy":
         return "array", np.load(io.BytesIO(data), allow_pickle=False)
     if last == "json":
@@ -66,11 +121,25 @@ def decode_value(ext: str, data: bytes) -> tuple[str, Any]:
     return "bytes", data
 
 
-def spec_of(kind: str, value) -> dict:
-    """The spec a decoded value sets (used on the first sample written)."""
+def spec_of(kind: str, value, encoding: str | None = None) -> dict:
+    """The spec a decoded value sets (used on the first sample written); images record the
+    ``encoding`` of their file (png, jpg, npy: how readers decode it)."""
     if kind in ("image", "array", "ints"):
-        return {"kind": kind, "shape": list(value.shape), "dtype": str(value.dtype)}
+        spec = {"kind": kind, "shape": list(value.shape), "dtype": str(value.dtype)}
+        if kind == "image" and encoding:
+            spec["encoding"] = encoding
+            if encoding == "npy":
+                spec["layout"] = NPY_LAYOUT
+        return spec
     return {"kind": kind}
+
+
+def image_encoding(key: str, spec: dict | None) -> str | None:
+    """How file ``key`` decodes as the spec says: ``"npy"`` for a raw image, else None (by
+    its extension)."""
+    if spec and spec.get("kind") == "image" and spec.get("encoding") == "npy" and key.endswith(".npy"):
+        return "npy"
+    return None
 
 
 def check_value(key: str, kind: str, value, spec: dict | None) -> str | None:
@@ -121,12 +190,15 @@ def fits(kind: str, value, compiled: tuple) -> bool:
     return True
 
 
-def sample_spec(sample: dict) -> dict:
-    """Spec of every file of one raw sample (``{"__key__": ..., "mnist.png": bytes, ...}``)."""
+def sample_spec(sample: dict, npy_images=()) -> dict:
+    """Spec of every file of one raw sample (``{"__key__": ..., "mnist.png": bytes, ...}``);
+    the keys in ``npy_images`` are raw ``.npy`` images (encoding ``npy``)."""
     spec = {}
     for key, data in sample.items():
         if key.startswith("__"):
             continue
         ext = key.partition(".")[2]
-        spec[key] = spec_of(*decode_value(ext, data))
+        encoding = "npy" if key in npy_images else None
+        kind, value = decode_value(ext, data, encoding)
+        spec[key] = spec_of(kind, value, encoding or (ext.rsplit(".", 1)[-1].lower() if kind == "image" else None))
     return spec

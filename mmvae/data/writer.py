@@ -188,8 +188,9 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _first_sample_spec(out_dir: Path, splits: Mapping[str, list[dict]]) -> dict | None:
-    """The modality spec of the first sample of the first non-empty shard (None if none)."""
+def _first_sample_spec(out_dir: Path, splits: Mapping[str, list[dict]], npy_images=()) -> dict | None:
+    """The modality spec of the first sample of the first non-empty shard (None if none);
+    ``npy_images``: the file keys that are raw ``.npy`` images."""
     from mmvae.data.samples import sample_spec
 
     entry = next((s for shards in splits.values() for s in shards if s["count"]), None)
@@ -203,13 +204,13 @@ def _first_sample_spec(out_dir: Path, splits: Mapping[str, list[dict]]) -> dict 
                 break
             sample["__key__"] = stem
             sample[key] = tar.extractfile(member).read()
-    return sample_spec(sample)
+    return sample_spec(sample, npy_images)
 
 
 def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
                    splits: Mapping[str, list[dict]], extra_files: Iterable[str] = (),
                    *, sample_keys: Iterable[str] | None = None, spec: Mapping | None = None,
-                   missing_modalities: bool = False) -> dict:
+                   missing_modalities: bool = False, npy_images: Iterable[str] = ()) -> dict:
     """Write ``out_dir/manifest.json`` (atomically; the folder counts as built after this).
 
     Args:
@@ -224,9 +225,13 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
             first sample of the first shard written, so that the loader can check every
             later sample's shape, dtype and caption length against it (with
             ``missing_modalities``, pass it unless the first sample has every modality: it
-            also gives the placeholders' shapes).
+            also gives the placeholders' shapes). Image entries record their ``encoding``
+            (png, jpg, npy), which readers and ``verify`` decode by.
         missing_modalities: samples may omit modality keys (`mmvae.data.presence`); without
             it a missing key is a data error.
+        npy_images: file keys (e.g. ``"mnist.npy"``) holding raw uint8 (C, H, W) images
+            (``mmvae.data.samples.encode_npy_image``), recorded as images with encoding npy
+            rather than as float arrays.
     Returns:
         the manifest as a dict.
     """
@@ -245,7 +250,7 @@ def write_manifest(out_dir, dataset: str, params: Mapping[str, Any],
         "splits": {name: {"num_samples": sum(s["count"] for s in shards), "shards": list(shards)}
                    for name, shards in splits.items()},
         "extra_files": extras,
-        "spec": dict(spec) if spec is not None else _first_sample_spec(out_dir, splits),
+        "spec": dict(spec) if spec is not None else _first_sample_spec(out_dir, splits, frozenset(npy_images)),
     }
     if missing_modalities:
         manifest[MISSING_FLAG] = True

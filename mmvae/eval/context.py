@@ -98,7 +98,8 @@ class EvalContext:
 
         loader = make_loader(self.shards_dir, split, batch_size=batch_size, modalities=modalities,
                              num_workers=self.cfg.data.num_workers, seed=self.seed, shuffle=False,
-                             drop_last=False, on_error=self.cfg.data.on_error, incomplete="skip")
+                             drop_last=False, on_error=self.cfg.data.on_error, incomplete="skip",
+                             tar_reader=self.cfg.data.tar_reader)
         for batch in loader:
             yield {k: torch.as_tensor(v) if isinstance(v, list) else v for k, v in batch.items()}
 

@@ -397,7 +397,7 @@ def _loader(run: Run, split: str, train: bool):
                          seed=cfg.train.seed, epoch=run.state.epoch, shuffle=train,
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=train,
                          on_error=cfg.data.on_error, resampled=cfg.data.resampled and train,
-                         drop_modalities=drop)
+                         drop_modalities=drop, tar_reader=cfg.data.tar_reader)
     check_missing_modalities(cfg, loader.info.allows_missing and run.model.multimodal,
                              "the shards' manifest says samples may omit modalities")
     return loader

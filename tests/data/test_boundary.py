@@ -38,14 +38,14 @@ MODALITIES = {"digits": ["mnist", "svhn"], "shapes_ft": ["feature", "caption"]}
 # --------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """Tiny built-in shards, built once: digits (test: 2 shards of 5) and shapes_ft (test: 2
-    shards of 10)."""
+    """Tiny built-in shards, built once: digits (test: 2 shards of 5; PNG images, whose damage
+    these cases model -- test_encoding.py damages .npy ones) and shapes_ft (test: 2 shards of 10)."""
     from mmvae.data.recipes.digits import build_digits
     from mmvae.data.recipes.shapes import build_shapes
 
     root = tmp_path_factory.mktemp("pristine")
     build_digits(root / "digits", pairs_per_instance=1, sources_per_class=4, train_shards=4,
-                 test_shards=2, progress=False)
+                 test_shards=2, encoding="png", progress=False)
     build_shapes(root / "shapes_ft", train_scenes=4, test_scenes=2, features=True, min_shards=2,
                  progress=False)
     return root
@@ -224,23 +224,24 @@ def _named(case: str, text: str) -> bool:
 
 
 # --------------------------------------------------------------------------- the loader
-def _test_loader(folder, on_error):
+def _test_loader(folder, on_error, tar_reader="webdataset"):
     dataset = folder.name
     return make_loader(folder, "test", batch_size=4, modalities=MODALITIES[dataset], shuffle=False,
-                       drop_last=False, on_error=on_error, return_keys=True)
+                       drop_last=False, on_error=on_error, return_keys=True, tar_reader=tar_reader)
 
 
-def test_loader_counts_every_lost_sample_or_raises_one_line_naming_the_shard(damaged, caplog):
+@pytest.mark.parametrize("tar_reader", ["webdataset", "fast"])
+def test_loader_counts_every_lost_sample_or_raises_one_line_naming_the_shard(damaged, tar_reader, caplog):
     case, kind, folder, lost, total = damaged
     if kind == "fatal":
         for on_error in ("skip", "raise"):
             with pytest.raises(ShardsError) as err:
-                _test_loader(folder, on_error)
+                _test_loader(folder, on_error, tar_reader)
             assert _named(case, str(err.value)) and "\n" not in str(err.value)
         assert not list(folder.parent.rglob("PWNED")) and not list(Path.cwd().glob("PWNED"))
         return
     with caplog.at_level(logging.WARNING, logger="mmvae.data"):
-        loader = _test_loader(folder, "skip")
+        loader = _test_loader(folder, "skip", tar_reader)
         keys = [k for batch in loader for k in batch["__key__"]]
     assert len(keys) == len(set(keys)) == total - lost
     assert loader.errors == lost
@@ -249,7 +250,7 @@ def test_loader_counts_every_lost_sample_or_raises_one_line_naming_the_shard(dam
     if kind == "sha256":  # the loader itself checks sizes only
         return
     with pytest.raises(ShardDataError) as err:
-        list(_test_loader(folder, "raise"))
+        list(_test_loader(folder, "raise", tar_reader))
     assert SHARD in str(err.value) and "\n" not in str(err.value)
 
 

@@ -70,7 +70,7 @@ def built(tmp_path_factory):
 def test_pair_counts_labels_and_unique_arrays_follow_the_inputs(built):
     out, raw, manifest = built
     pairs = np.load(out / "pairs.npz")
-    assert manifest["dataset"] == "mnist_svhn" and manifest["sample_keys"] == ["label.cls", "mnist.png", "svhn.png"]
+    assert manifest["dataset"] == "mnist_svhn" and manifest["sample_keys"] == ["label.cls", "mnist.npy", "svhn.npy"]
     assert manifest["params"]["pairs_per_instance"] == 3 and manifest["params"]["max_per_class"] == 4
     for split, (images, labels, X, y) in raw.items():
         unique = np.load(out / f"unique_{split}.npz")

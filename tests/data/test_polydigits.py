@@ -127,8 +127,8 @@ def test_polydigits_shards_verify_with_the_data_cli(poly_dir, capsys):
     assert verify_main(["verify", str(poly_dir)]) == 0
     manifest = json.loads((poly_dir / "manifest.json").read_text())
     assert manifest["dataset"] == "polydigits"
-    assert manifest["sample_keys"] == sorted([f"{m}.png" for m in MODALITIES] + ["label.cls"])
-    assert manifest["params"]["modalities"]["m2"] == {"key": "m2.png", "shape": [3, 28, 28], "texture": "tiles",
+    assert manifest["sample_keys"] == sorted([f"{m}.npy" for m in MODALITIES] + ["label.cls"])
+    assert manifest["params"]["modalities"]["m2"] == {"key": "m2.npy", "shape": [3, 28, 28], "texture": "tiles",
                                                       "palette": [[8, 50, 20], [50, 125, 55]]}
 
 

@@ -44,6 +44,33 @@ def save_npz(path, *, compress: bool = True, **arrays: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# Per-recipe image encoding (``--encoding`` of the shard scripts). npy by default for the small
+# digit images: lossless like PNG and decoded ~10x cheaper (a header check and a reshape), for
+# shards 1.3-1.6x larger (docs/data.md, Throughput). CUB-like recipes keep JPEG (lossy source,
+# 64x64x3 raw would be ~4x the bytes).
+DEFAULT_ENCODING = "npy"
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if it is one the recipes write, else a one-line ValueError naming them."""
+    from mmvae.data.samples import IMAGE_ENCODINGS
+
+    if encoding not in IMAGE_ENCODINGS:
+        raise ValueError(f"image encoding {encoding!r}; choose one of {', '.join(IMAGE_ENCODINGS)}")
+    return encoding
+
+
+def encode_images(images: np.ndarray, encoding: str, png=None) -> list[bytes]:
+    """(N, C, H, W) uint8 -> one payload per image: ``npy`` (raw uint8 C-order (C, H, W),
+    ``mmvae.data.samples.encode_npy_image``) or ``png`` (``png`` if given: the recipe's PNG
+    encoder of one image, else :func:`png_batch`)."""
+    from mmvae.data.samples import encode_npy_image
+
+    if check_encoding(encoding) == "npy":
+        return [encode_npy_image(x) for x in images]
+    return [png(x) for x in images] if png is not None else png_batch(images)
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     """One array as ``.npy`` file bytes (what the pipeline's ``.npy`` decoder reads)."""
     buf = io.BytesIO()

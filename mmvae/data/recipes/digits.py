@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from mmvae.data.recipes.common import save_npz
+from mmvae.data.recipes.common import DEFAULT_ENCODING, check_encoding, encode_images, save_npz
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.data.writer import MANIFEST, write_manifest, write_shards
 
@@ -191,16 +191,16 @@ def printed_pool(labels: np.ndarray, split: str, seed: int, fonts: tuple[str, ..
     return images, pool_labels
 
 
-def _pair_samples(order, idx_m, idx_s, mnist_png, svhn_png, labels):
+def _pair_samples(order, idx_m, idx_s, mnist_enc, svhn_enc, labels, encoding: str):
     """Samples in write order; the key is the pair's index in the recipe (pairs.npz) order, so
     any sample can be traced back to its two source images."""
     for j in order:
-        yield {"__key__": f"{j:08d}", "mnist.png": mnist_png[idx_m[j]],
-               "svhn.png": svhn_png[idx_s[j]], "label.cls": int(labels[idx_m[j]])}
+        yield {"__key__": f"{j:08d}", f"mnist.{encoding}": mnist_enc[idx_m[j]],
+               f"svhn.{encoding}": svhn_enc[idx_s[j]], "label.cls": int(labels[idx_m[j]])}
 
 
 def _build_split(out_dir: Path, split: str, sources: np.ndarray, images8, labels, *, seed: int,
-                 pairs_per_instance: int, max_per_class, num_shards: int, fonts, progress: bool):
+                 pairs_per_instance: int, max_per_class, num_shards: int, fonts, encoding: str, progress: bool):
     """Unique images of one split -> pairs -> shards. Returns (shards, unique arrays, pairs)."""
     mnist = np.stack([to_mnist(images8[i]) for i in sources])
     mnist_labels = labels[sources]
@@ -210,9 +210,9 @@ def _build_split(out_dir: Path, split: str, sources: np.ndarray, images8, labels
                                  seed=[seed, _TAG_PAIR, tag], max_per_class=max_per_class)
     assert (mnist_labels[idx_m] == svhn_labels[idx_s]).all(), "pairing mixed classes"
     order = np.random.default_rng([seed, _TAG_ORDER, tag]).permutation(len(idx_m))
-    mnist_png = [encode_png(x) for x in mnist]          # encode each unique image once,
-    svhn_png = [encode_png(x) for x in svhn]            # reuse the bytes in all its pairs
-    samples = _pair_samples(order, idx_m, idx_s, mnist_png, svhn_png, mnist_labels)
+    mnist_enc = encode_images(mnist, encoding, png=encode_png)  # encode each unique image once,
+    svhn_enc = encode_images(svhn, encoding, png=encode_png)    # reuse the bytes in all its pairs
+    samples = _pair_samples(order, idx_m, idx_s, mnist_enc, svhn_enc, mnist_labels, encoding)
     shards = write_shards(samples, out_dir, split, total=len(order), progress=progress,
                           max_count=max(1, -(-len(order) // num_shards)), max_bytes=2**40)
     unique = dict(mnist=mnist, mnist_labels=mnist_labels, mnist_source=sources.astype(np.int64),
@@ -223,11 +223,12 @@ def _build_split(out_dir: Path, split: str, sources: np.ndarray, images8, labels
 
 def build_digits(out_dir, *, seed: int = 0, pairs_per_instance: int = 20, test_fraction: float = 0.2,
                  max_per_class: int | None = None, train_shards: int = 16, test_shards: int = 8,
-                 sources_per_class: int | None = None, progress: bool = True) -> dict:
+                 sources_per_class: int | None = None, encoding: str = DEFAULT_ENCODING,
+                 progress: bool = True) -> dict:
     """Build the ``digits`` shards in ``out_dir`` and return the manifest.
 
-    Writes ``train-*.tar`` and ``test-*.tar`` (samples ``mnist.png``, ``svhn.png``,
-    ``label.cls``), ``unique_{split}.npz`` (the unique source images and labels per modality,
+    Writes ``train-*.tar`` and ``test-*.tar`` (samples ``mnist.npy``, ``svhn.npy`` -- raw
+    uint8 (C, H, W); ``.png`` with ``encoding="png"`` -- and ``label.cls``), ``unique_{split}.npz`` (the unique source images and labels per modality,
     for training digit classifiers without duplicates), ``pairs.npz`` (``{split}_mnist`` and
     ``{split}_svhn`` index into the unique arrays; shard sample key ``j`` is pair j;
     ``{split}_write_order`` is the order pairs were written in) and ``manifest.json`` last.
@@ -240,6 +241,7 @@ def build_digits(out_dir, *, seed: int = 0, pairs_per_instance: int = 20, test_f
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if train_shards < 1 or test_shards < 1:
         raise ValueError("train_shards and test_shards must be >= 1")
+    check_encoding(encoding)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)   # "not built" until the manifest is back
@@ -256,19 +258,22 @@ def build_digits(out_dir, *, seed: int = 0, pairs_per_instance: int = 20, test_f
                                       (train_shards, test_shards)):
         splits[split], unique, split_pairs = _build_split(
             out_dir, split, sources, images8, labels, seed=seed, pairs_per_instance=pairs_per_instance,
-            max_per_class=max_per_class, num_shards=shards, fonts=fonts, progress=progress)
+            max_per_class=max_per_class, num_shards=shards, fonts=fonts, encoding=encoding, progress=progress)
         save_npz(out_dir / f"unique_{split}.npz", **unique)
         pairs.update(split_pairs)
         sizes[split] = {"mnist_unique": len(unique["mnist"]), "svhn_unique": len(unique["svhn"]),
                         "pairs": len(split_pairs[f"{split}_mnist"]), "shards": len(splits[split])}
     save_npz(out_dir / "pairs.npz", **pairs)
-    params = _params(seed, pairs_per_instance, test_fraction, max_per_class, sources_per_class, sizes, fonts)
+    params = _params(seed, pairs_per_instance, test_fraction, max_per_class, sources_per_class, sizes, fonts,
+                     encoding)
+    images = [f"mnist.{encoding}", f"svhn.{encoding}"]
     return write_manifest(out_dir, "digits", params,
                           splits, ["pairs.npz", "unique_train.npz", "unique_test.npz"],
-                          sample_keys=["mnist.png", "svhn.png", "label.cls"])
+                          sample_keys=images + ["label.cls"], npy_images=images if encoding == "npy" else ())
 
 
-def _params(seed, pairs_per_instance, test_fraction, max_per_class, sources_per_class, sizes, fonts) -> dict:
+def _params(seed, pairs_per_instance, test_fraction, max_per_class, sources_per_class, sizes, fonts,
+            encoding) -> dict:
     """Recipe parameters recorded in the manifest: everything the bytes depend on."""
     import PIL
     import sklearn
@@ -276,9 +281,9 @@ def _params(seed, pairs_per_instance, test_fraction, max_per_class, sources_per_
     return {
         "recipe": "mmvae.data.recipes.digits", "seed": seed, "pairs_per_instance": pairs_per_instance,
         "test_fraction": test_fraction, "max_per_class": max_per_class,
-        "sources_per_class": sources_per_class, "sizes": sizes,
-        "modalities": {"mnist": {"key": "mnist.png", "shape": [1, MNIST_SIZE, MNIST_SIZE]},
-                       "svhn": {"key": "svhn.png", "shape": [3, SVHN_SIZE, SVHN_SIZE]}},
+        "sources_per_class": sources_per_class, "sizes": sizes, "encoding": encoding,
+        "modalities": {"mnist": {"key": f"mnist.{encoding}", "shape": [1, MNIST_SIZE, MNIST_SIZE]},
+                       "svhn": {"key": f"svhn.{encoding}", "shape": [3, SVHN_SIZE, SVHN_SIZE]}},
         "fonts": list(fonts) or ["pillow-default"],
         "versions": {"numpy": np.__version__, "pillow": PIL.__version__, "scikit-learn": sklearn.__version__},
     }

@@ -14,7 +14,8 @@ paired with a random image of the same class. The paper's text says dm = 20 (the
 its code used dm = 30 and no seed. Train: 56,068 matched images per side → 1,121,360 pairs at
 dm = 20 (1,682,040 at 30); test: 10,000 → 200,000 (300,000).
 
-Output: ``{train,test}-NNNNNN.tar`` (samples ``mnist.png`` 1×28×28, ``svhn.png`` 3×32×32,
+Output: ``{train,test}-NNNNNN.tar`` (samples ``mnist.npy`` 1×28×28, ``svhn.npy`` 3×32×32 -- raw
+uint8 (C, H, W); ``.png`` with ``encoding="png"`` --
 ``label.cls``; sample key j is pair j of ``pairs.npz``), ``pairs.npz`` (``{split}_mnist``,
 ``{split}_svhn``: indices into the split's images; ``{split}_write_order``),
 ``unique_{split}.npz`` (every image of the split as uint8 (N, C, H, W) ``mnist``, ``svhn`` and
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mmvae.data.recipes.common import InputError, library_versions, save_npz, shard_limits
+from mmvae.data.recipes.common import (DEFAULT_ENCODING, InputError, check_encoding, encode_images,
+                                       library_versions, save_npz, shard_limits)
 from mmvae.data.recipes.digits import encode_png
 from mmvae.data.recipes.pairing import pair_by_class
 from mmvae.data.writer import sha256_file, MANIFEST, write_manifest, write_shards
@@ -123,26 +125,26 @@ def load_svhn(svhn_dir, split: str) -> tuple[np.ndarray, np.ndarray, list[Path]]
 
 
 # ---------------------------------------------------------------- building
-class _PngCache:
-    """Encode each unique image to PNG the first time a pair uses it, then reuse the bytes."""
+class _EncodedCache:
+    """Encode each unique image the first time a pair uses it, then reuse the bytes."""
 
-    def __init__(self, images: np.ndarray):
-        self.images, self.cache = images, [None] * len(images)
+    def __init__(self, images: np.ndarray, encoding: str):
+        self.images, self.encoding, self.cache = images, encoding, [None] * len(images)
 
     def __getitem__(self, i: int) -> bytes:
         data = self.cache[i]
         if data is None:
-            data = self.cache[i] = encode_png(self.images[i])
+            data = self.cache[i] = encode_images(self.images[i:i + 1], self.encoding, png=encode_png)[0]
         return data
 
 
-def _samples(order, idx_m, idx_s, mnist, svhn, labels):
+def _samples(order, idx_m, idx_s, mnist, svhn, labels, encoding: str):
     """Samples in write order; key j = pair j in pairs.npz, so any sample traces back to its
     two source images."""
-    mnist_png, svhn_png = _PngCache(mnist), _PngCache(svhn)
+    mnist_enc, svhn_enc = _EncodedCache(mnist, encoding), _EncodedCache(svhn, encoding)
     for j in order:
-        yield {"__key__": f"{j:08d}", "mnist.png": mnist_png[idx_m[j]],
-               "svhn.png": svhn_png[idx_s[j]], "label.cls": int(labels[idx_m[j]])}
+        yield {"__key__": f"{j:08d}", f"mnist.{encoding}": mnist_enc[idx_m[j]],
+               f"svhn.{encoding}": svhn_enc[idx_s[j]], "label.cls": int(labels[idx_m[j]])}
 
 
 def pair_split(mnist_labels, svhn_labels, split: str, *, seed: int, pairs_per_instance: int,
@@ -159,8 +161,9 @@ def pair_split(mnist_labels, svhn_labels, split: str, *, seed: int, pairs_per_in
 
 def build_mnist_svhn(mnist_dir, svhn_dir, out_dir, *, seed: int = 0, pairs_per_instance: int = 20,
                      max_per_class: int | None = PAPER_MAX_PER_CLASS, shard_size_mb: float = 256,
-                     min_shards: int = 16, progress: bool = True) -> dict:
+                     min_shards: int = 16, encoding: str = DEFAULT_ENCODING, progress: bool = True) -> dict:
     """Build the MNIST-SVHN shards in ``out_dir`` (module docstring) and return the manifest.
+    ``encoding``: images as ``npy`` (raw uint8, the default: fastest to load) or ``png``.
 
     All inputs are read and checked before anything is written. Shards hold at most
     ``shard_size_mb`` MiB, and each split has at least ``min_shards`` shards (if it has that
@@ -171,6 +174,7 @@ def build_mnist_svhn(mnist_dir, svhn_dir, out_dir, *, seed: int = 0, pairs_per_i
     """
     if pairs_per_instance < 1:
         raise ValueError(f"pairs_per_instance must be >= 1, got {pairs_per_instance}")
+    check_encoding(encoding)
     data, sources = {}, {}
     for split in ("train", "test"):
         mnist, mnist_labels, files_m = load_mnist(mnist_dir, split)
@@ -184,7 +188,7 @@ def build_mnist_svhn(mnist_dir, svhn_dir, out_dir, *, seed: int = 0, pairs_per_i
     for split, (mnist, mnist_labels, svhn, svhn_labels) in data.items():
         idx_m, idx_s, order = pair_split(mnist_labels, svhn_labels, split, seed=seed,
                                          pairs_per_instance=pairs_per_instance, max_per_class=max_per_class)
-        samples = _samples(order, idx_m, idx_s, mnist, svhn, mnist_labels)
+        samples = _samples(order, idx_m, idx_s, mnist, svhn, mnist_labels, encoding)
         splits[split] = write_shards(samples, out_dir, split, total=len(order), progress=progress,
                                      **shard_limits(len(order), shard_size_mb, min_shards))
         save_npz(out_dir / f"unique_{split}.npz", mnist=mnist, mnist_labels=mnist_labels,
@@ -197,12 +201,13 @@ def build_mnist_svhn(mnist_dir, svhn_dir, out_dir, *, seed: int = 0, pairs_per_i
         "recipe": "mmvae.data.recipes.mnist_svhn", "seed": seed, "pairs_per_instance": pairs_per_instance,
         "pairs_per_instance_note": "paper text: 20 (default here); paper code: 30, unseeded",
         "max_per_class": max_per_class, "shard_size_mb": shard_size_mb, "min_shards": min_shards,
-        "sizes": sizes,
-        "modalities": {"mnist": {"key": "mnist.png", "shape": [1, 28, 28]},
-                       "svhn": {"key": "svhn.png", "shape": [3, 32, 32]}},
+        "sizes": sizes, "encoding": encoding,
+        "modalities": {"mnist": {"key": f"mnist.{encoding}", "shape": [1, 28, 28]},
+                       "svhn": {"key": f"svhn.{encoding}", "shape": [3, 32, 32]}},
         "sources": {name: sha256_file(path) for name, path in sources.items()},
         "versions": library_versions("numpy", "pillow", "scipy"),
     }
     return write_manifest(out_dir, "mnist_svhn", params, splits,
                           ["pairs.npz", "unique_train.npz", "unique_test.npz"],
-                          sample_keys=["mnist.png", "svhn.png", "label.cls"])
+                          sample_keys=[f"mnist.{encoding}", f"svhn.{encoding}", "label.cls"],
+                          npy_images=[f"mnist.{encoding}", f"svhn.{encoding}"] if encoding == "npy" else ())

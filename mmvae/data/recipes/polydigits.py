@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmvae.data.recipes.common import library_versions, png_batch, save_npz
+from mmvae.data.recipes.common import DEFAULT_ENCODING, check_encoding, encode_images, library_versions, save_npz
 from mmvae.data.recipes.digits import load_handwritten, split_train_test, to_mnist
 from mmvae.data.writer import MANIFEST, write_manifest, write_shards
 
@@ -187,24 +187,26 @@ def render_split(split: str, sources: np.ndarray, digits28: np.ndarray, labels: 
     return out
 
 
-def _samples(images: dict, chunk: int = 1024):
-    """Sample j of the split is row j of ``unique_{split}.npz``: key = j. PNGs are encoded a
-    chunk at a time (batched encoding, bounded memory)."""
+def _samples(images: dict, encoding: str, chunk: int = 1024):
+    """Sample j of the split is row j of ``unique_{split}.npz``: key = j. Images are encoded
+    a chunk at a time (batched encoding, bounded memory)."""
     for start in range(0, len(images["labels"]), chunk):
-        pngs = {m: png_batch(images[m][start:start + chunk]) for m in MODALITIES}
+        encoded = {m: encode_images(images[m][start:start + chunk], encoding) for m in MODALITIES}
         for i, label in enumerate(images["labels"][start:start + chunk]):
             sample = {"__key__": f"{start + i:08d}"}
-            sample.update({f"{m}.png": pngs[m][i] for m in MODALITIES})
+            sample.update({f"{m}.{encoding}": encoded[m][i] for m in MODALITIES})
             sample["label.cls"] = int(label)
             yield sample
 
 
 def build_polydigits(out_dir, *, seed: int = 0, train_samples: int = 10_000, test_samples: int = 2_000,
                      test_fraction: float = 0.2, sources_per_class: int | None = None,
-                     train_shards: int = 16, test_shards: int = 8, progress: bool = True) -> dict:
+                     train_shards: int = 16, test_shards: int = 8, encoding: str = DEFAULT_ENCODING,
+                     progress: bool = True) -> dict:
     """Build the ``polydigits`` shards in ``out_dir`` and return the manifest.
 
-    Writes ``train-*.tar`` / ``test-*.tar`` (samples ``m0.png`` .. ``m4.png`` 3×28×28 and
+    Writes ``train-*.tar`` / ``test-*.tar`` (samples ``m0.npy`` .. ``m4.npy`` 3×28×28 raw
+    uint8 (C, H, W) -- ``.png`` with ``encoding="png"`` -- and
     ``label.cls``; sample key j is row j of the split's unique file), ``unique_{split}.npz``
     (uint8 ``m0`` .. ``m4`` (N, 3, 28, 28), int64 ``m{i}_labels`` (all equal: one class per
     sample) and ``m{i}_source`` (the handwritten source digit of each image), for the digit
@@ -215,6 +217,7 @@ def build_polydigits(out_dir, *, seed: int = 0, train_samples: int = 10_000, tes
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     if min(train_samples, test_samples, train_shards, test_shards) < 1:
         raise ValueError("train_samples, test_samples, train_shards and test_shards must be >= 1")
+    check_encoding(encoding)
     images8, labels = load_handwritten()
     keep = np.arange(len(labels)) if sources_per_class is None else np.sort(np.concatenate(
         [np.flatnonzero(labels == c)[:sources_per_class] for c in np.unique(labels)]))
@@ -232,22 +235,24 @@ def build_polydigits(out_dir, *, seed: int = 0, train_samples: int = 10_000, tes
     for split, sources, count, shards in zip(("train", "test"), split_sources, (train_samples, test_samples),
                                              (train_shards, test_shards)):
         images = render_split(split, sources, digits28, labels, textures, num_samples=count, seed=seed)
-        splits[split] = write_shards(_samples(images), out_dir, split, total=count, progress=progress,
+        splits[split] = write_shards(_samples(images, encoding), out_dir, split, total=count, progress=progress,
                                      max_count=max(1, -(-count // shards)), max_bytes=2**40)
         save_npz(out_dir / f"unique_{split}.npz", **{key: value for m in MODALITIES for key, value in (
             (m, images[m]), (f"{m}_labels", images["labels"]), (f"{m}_source", images[f"{m}_source"]))})
         sizes[split] = {"samples": count, "sources": len(sources), "shards": len(splits[split])}
-    return write_manifest(out_dir, "polydigits", _params(seed, test_fraction, sources_per_class, sizes),
-                          splits, ["unique_train.npz", "unique_test.npz"],
-                          sample_keys=[f"{m}.png" for m in MODALITIES] + ["label.cls"])
+    keys = [f"{m}.{encoding}" for m in MODALITIES]
+    return write_manifest(out_dir, "polydigits", _params(seed, test_fraction, sources_per_class, sizes, encoding),
+                          splits, ["unique_train.npz", "unique_test.npz"], sample_keys=keys + ["label.cls"],
+                          npy_images=keys if encoding == "npy" else ())
 
 
-def _params(seed, test_fraction, sources_per_class, sizes) -> dict:
+def _params(seed, test_fraction, sources_per_class, sizes, encoding) -> dict:
     """Recipe parameters recorded in the manifest: everything the bytes depend on."""
     return {
         "recipe": "mmvae.data.recipes.polydigits", "seed": seed, "test_fraction": test_fraction,
         "sources_per_class": sources_per_class, "sizes": sizes, "texture_size": TEXTURE_SIZE,
-        "modalities": {m: {"key": f"{m}.png", "shape": [3, SIZE, SIZE], "texture": style.pattern,
+        "encoding": encoding,
+        "modalities": {m: {"key": f"{m}.{encoding}", "shape": [3, SIZE, SIZE], "texture": style.pattern,
                            "palette": [list(style.low), list(style.high)]}
                        for m, style in zip(MODALITIES, STYLES)},
         "versions": library_versions("numpy", "pillow", "scikit-learn"),

@@ -6,7 +6,8 @@ folder per modality ``m0``, ``m1``, ... (PolyMNIST has five), each holding RGB i
 the same index must exist in every modality of the split, with the same label (the digits
 differ: that is the point of PolyMNIST).
 
-Output: ``{train,test}-NNNNNN.tar`` (samples ``m0.png`` .. ``m{M-1}.png`` 3×H×W and
+Output: ``{train,test}-NNNNNN.tar`` (samples ``m0.npy`` .. ``m{M-1}.npy`` 3×H×W raw uint8
+(``.png`` with ``encoding="png"``) and
 ``label.cls``; sample key = the file index), ``unique_{split}.npz`` (uint8 ``m{i}``
 (N, 3, H, W), int64 ``m{i}_labels`` and ``index``, in ascending index order: every image once,
 for the digit classifiers) and ``manifest.json`` last.
@@ -21,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mmvae.data.recipes.common import InputError, library_versions, png_batch, save_npz, shard_limits
+from mmvae.data.recipes.common import (DEFAULT_ENCODING, InputError, check_encoding, encode_images,
+                                       library_versions, save_npz, shard_limits)
 from mmvae.data.writer import MANIFEST, write_manifest, write_shards
 
 log = logging.getLogger(__name__)
@@ -116,21 +118,22 @@ def load_split(root: Path, split: str, modalities: list[str] | None = None):
     return found, indices, labels, images
 
 
-def _samples(indices, labels, images: dict, chunk: int = 1024):
-    """Samples in ascending index order, key = the file index; PNGs re-encoded a chunk at a
-    time (metadata stripped, same bytes for the same pixels)."""
+def _samples(indices, labels, images: dict, encoding: str, chunk: int = 1024):
+    """Samples in ascending index order, key = the file index; images encoded a chunk at a
+    time (PNGs re-encoded: metadata stripped, same bytes for the same pixels)."""
     for start in range(0, len(indices), chunk):
-        pngs = {m: png_batch(x[start:start + chunk]) for m, x in images.items()}
+        encoded = {m: encode_images(x[start:start + chunk], encoding) for m, x in images.items()}
         for i, (index, label) in enumerate(zip(indices[start:start + chunk], labels[start:start + chunk])):
             sample = {"__key__": f"{index:08d}"}
-            sample.update({f"{m}.png": pngs[m][i] for m in images})
+            sample.update({f"{m}.{encoding}": encoded[m][i] for m in images})
             sample["label.cls"] = int(label)
             yield sample
 
 
 def build_polymnist(polymnist_dir, out_dir, *, shard_size_mb: float = 256, min_shards: int = 16,
-                    progress: bool = True) -> dict:
+                    encoding: str = DEFAULT_ENCODING, progress: bool = True) -> dict:
     """Build PolyMNIST shards in ``out_dir`` (module docstring) and return the manifest.
+    ``encoding``: images as ``npy`` (raw uint8, the default) or ``png``.
 
     Every input is read and checked before anything is written.
 
@@ -138,6 +141,7 @@ def build_polymnist(polymnist_dir, out_dir, *, shard_size_mb: float = 256, min_s
         InputError: a missing folder, a malformed file name or image, or modalities whose
             counts or labels disagree (one-line message naming them).
     """
+    check_encoding(encoding)
     root = Path(polymnist_dir)
     if not root.is_dir():
         raise InputError(f"PolyMNIST folder {root} not found; {LAYOUT_HINT}")
@@ -149,7 +153,7 @@ def build_polymnist(polymnist_dir, out_dir, *, shard_size_mb: float = 256, min_s
     (out_dir / MANIFEST).unlink(missing_ok=True)   # "not built" until the manifest is back
     splits, sizes, digests = {}, {}, {}
     for split, (indices, labels, images) in data.items():
-        splits[split] = write_shards(_samples(indices, labels, images), out_dir, split, total=len(indices),
+        splits[split] = write_shards(_samples(indices, labels, images, encoding), out_dir, split, total=len(indices),
                                      progress=progress, **shard_limits(len(indices), shard_size_mb, min_shards))
         save_npz(out_dir / f"unique_{split}.npz", index=indices, **{key: value for m in modalities for key, value in (
             (m, images[m]), (f"{m}_labels", labels))})
@@ -160,8 +164,9 @@ def build_polymnist(polymnist_dir, out_dir, *, shard_size_mb: float = 256, min_s
     params = {
         "recipe": "mmvae.data.recipes.polymnist", "source": str(root), "sizes": sizes,
         "shard_size_mb": shard_size_mb, "min_shards": min_shards, "pixel_sha256": digests,
-        "modalities": {m: {"key": f"{m}.png", "shape": shape} for m in modalities},
+        "encoding": encoding, "modalities": {m: {"key": f"{m}.{encoding}", "shape": shape} for m in modalities},
         "versions": library_versions("numpy", "pillow"),
     }
     return write_manifest(out_dir, "polymnist", params, splits, ["unique_train.npz", "unique_test.npz"],
-                          sample_keys=[f"{m}.png" for m in modalities] + ["label.cls"])
+                          sample_keys=[f"{m}.{encoding}" for m in modalities] + ["label.cls"],
+                          npy_images=[f"{m}.{encoding}" for m in modalities] if encoding == "npy" else ())
