@@ -21,7 +21,8 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
   estimator; here the reweighting is applied to the z that the log-weights are computed from, and
   it is tested against the IWAE gradient. For the mixture, ``variant="unbiased"`` (default) is
   the form derived in DESIGN.md; ``"paper"`` reweights the path by w^2 with the mixture density
-  detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed.
+  detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed;
+  ``"cv"`` and ``"swap"`` are ``unbiased`` with less noise from the other experts' score terms.
 * ``elbo`` / ``m_elbo``: one particle, analytic KL (REFERENCE.md §3).
 * ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
   0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
@@ -198,6 +199,15 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
       where w~ is the weight within its softmax (w = w~ / M for `looser`);
     * encoder m != r, from the particles of stratum r (a score term that stays):
       - sum_k w alpha_m(z_rk) grad_phi_m log q_m(z_rk), z held fixed.
+
+    ``variant="cv"`` and ``"swap"`` keep this mean and replace the last (score) terms:
+    ``cv`` by the score terms with w - 1/(MK) in place of w plus a bounded control-variate path
+    term through expert m's particles (any mixture, looser and joint); ``swap`` (looser only)
+    by a path term through expert m's particle z_mk that carries the whole term, weights
+    included (`_low_noise_terms` has the derivation; docs/estimators.md the measurements).
+    Use ``swap`` with the looser bound where the experts overlap (early training, larger K):
+    there it has the lowest encoder-gradient variance of the unbiased variants; ``cv`` for the
+    joint bound. Where the experts have separated all variants give nearly the same gradient.
 
     With M = 1, alpha = 1 and this is DReG: w~^2 on the path, nothing else for the encoder.
     The path reweighting is a gradient hook on the very z the log-weights are computed from (the
