@@ -414,10 +414,10 @@ def validate(cfg: Config) -> Config:
     if K % P:
         raise ConfigError(f"objective.K={K} is not divisible by parallel.particle_shards={P}; "
                           f"choose K as a multiple of P")
-    if (cfg.objective.name, cfg.objective.dreg_variant, cfg.objective.looser) == ("dreg", "swap",
-                                                                                   False):
-        raise ConfigError("objective.dreg_variant=swap needs the looser bound: set "
-                          "objective.looser=true, or use objective.dreg_variant=cv for the joint bound")
+    o = cfg.objective
+    if o.name == "dreg" and o.dreg_variant == "swap" and not o.looser:
+        raise ConfigError("objective.dreg_variant=swap needs the looser bound: set objective."
+                          "looser=true, or use objective.dreg_variant=cv for the joint bound")
     if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
         raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
                           "and objective.k_chunk=0, or use iwae/dreg")

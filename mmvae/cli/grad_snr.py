@@ -57,7 +57,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"estimators {bad} unknown (valid: {', '.join(gradsnr.ESTIMATORS)})"
                               if bad else "--draws must be >= 2 (an sd needs two draws)")
         if "swap" in estimators and not cfg.objective.looser:
-            raise ConfigError("estimator swap needs objective.looser=true; use cv for the joint bound")
+            raise ConfigError("estimator swap needs objective.looser=true; "
+                              "use cv for the joint bound")
         points = R.resolve_points(args.points or ("all" if run_dir else "init"), run_dir)
         model, initial = R.fresh_model(cfg, model_kwargs(cfg))
         K, B = args.K or cfg.objective.K, args.batch_size or cfg.data.batch_size
