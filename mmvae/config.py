@@ -418,6 +418,10 @@ def validate(cfg: Config) -> Config:
     if o.name == "dreg" and o.dreg_variant == "swap" and not o.looser:
         raise ConfigError("objective.dreg_variant=swap needs the looser bound: set objective."
                           "looser=true, or use objective.dreg_variant=cv for the joint bound")
+    if o.name == "dreg" and o.dreg_variant == "swap" and cfg.train.mixed_precision == "fp16":
+        # its path scale is 1/w-sized on gradients that fp16 has already flushed (14% off)
+        raise ConfigError("objective.dreg_variant=swap loses terms under fp16 gradients: set "
+                          "train.mixed_precision=bf16 (or no), or use objective.dreg_variant=cv")
     if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
         raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
                           "and objective.k_chunk=0, or use iwae/dreg")

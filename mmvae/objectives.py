@@ -308,8 +308,8 @@ def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, loo
       -(1/M)[h_rk grad alpha_r + alpha_r h_rk (1 - h_rk) grad l] at u = z_mk: no score term is
       left. The joint bound's normaliser holds z_mk too, so h would not be fixed in u there.
       The grad-l part rides on the hook of z_mk (scale / w_mk, formed in log space); where
-      w_mk underflows in the networks' gradient dtype (fp32: w < ~1e-38, fp16 sooner) that
-      part is lost.
+      w_mk underflows in the networks' gradient dtype (fp32/bf16: w < ~1e-38) that part is
+      lost; under fp16 that is common, and config refuses swap with fp16.
     Both use only z_rk and z_mk with the same k and the global normalisers (`reducer`), so
     particle shards and K-chunks (which slice k alike in every stratum) give the one-process
     gradient.
