@@ -94,7 +94,7 @@ class ObjectiveConfig:
     """DReG for mixtures: unbiased (default, DESIGN.md) | paper (w^2 on the path, mixture
     detached: the paper's intent) | stl (what the paper code computed: its hook never fires) |
     cv / swap (unbiased, the other experts' score terms replaced by a control variate / moved
-    onto their own particles; swap needs looser: docs/estimators.md)."""
+    onto their own particles; swap needs looser, not fp16: docs/estimators.md)."""
 
 
 @dataclass
