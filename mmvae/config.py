@@ -92,7 +92,9 @@ class ObjectiveConfig:
     """Process at most this many particles at once (two-pass, same gradient); 0 = all K."""
     dreg_variant: str = "unbiased"
     """DReG for mixtures: unbiased (default, DESIGN.md) | paper (w^2 on the path, mixture
-    detached: the paper's intent) | stl (what the paper code computed: its hook never fires)."""
+    detached: the paper's intent) | stl (what the paper code computed: its hook never fires) |
+    cv / swap (unbiased, the other experts' score terms replaced by a control variate / moved
+    onto their own particles; swap needs looser, not fp16: docs/estimators.md)."""
 
 
 @dataclass
@@ -278,7 +280,7 @@ sits below models; tests/test_fusions.py checks that the two agree)."""
 CHOICES = {
     "model.fusion": FUSIONS,
     "objective.name": ("elbo", "iwae", "dreg"),
-    "objective.dreg_variant": ("unbiased", "paper", "stl"),
+    "objective.dreg_variant": ("unbiased", "paper", "stl", "cv", "swap"),
     "data.on_error": ("skip", "raise"),
     "data.verify": ("size", "sha256"),
     "data.tar_reader": ("webdataset", "fast"),
@@ -423,6 +425,14 @@ def validate(cfg: Config) -> Config:
     if K % P:
         raise ConfigError(f"objective.K={K} is not divisible by parallel.particle_shards={P}; "
                           f"choose K as a multiple of P")
+    o = cfg.objective
+    if o.name == "dreg" and o.dreg_variant == "swap" and not o.looser:
+        raise ConfigError("objective.dreg_variant=swap needs the looser bound: set objective."
+                          "looser=true, or use objective.dreg_variant=cv for the joint bound")
+    if o.name == "dreg" and o.dreg_variant == "swap" and cfg.train.mixed_precision == "fp16":
+        # its path scale is 1/w-sized on gradients that fp16 has already flushed (14% off)
+        raise ConfigError("objective.dreg_variant=swap loses terms under fp16 gradients: set "
+                          "train.mixed_precision=bf16 (or no), or use objective.dreg_variant=cv")
     if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
         raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
                           "and objective.k_chunk=0, or use iwae/dreg")

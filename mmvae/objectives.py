@@ -21,7 +21,8 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
   estimator; here the reweighting is applied to the z that the log-weights are computed from, and
   it is tested against the IWAE gradient. For the mixture, ``variant="unbiased"`` (default) is
   the form derived in DESIGN.md; ``"paper"`` reweights the path by w^2 with the mixture density
-  detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed.
+  detached (the paper's intent, biased for M > 1); ``"stl"`` is what the paper code computed;
+  ``"cv"`` and ``"swap"`` are ``unbiased`` with less noise from the other experts' score terms.
 * ``elbo`` / ``m_elbo``: one particle, analytic KL (REFERENCE.md §3).
 * ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
   0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
@@ -56,7 +57,9 @@ import torch
 
 from mmvae.dists import kl, log_sum
 
-VARIANTS = ("unbiased", "paper", "stl")
+VARIANTS = ("unbiased", "paper", "stl", "cv", "swap")
+"""`objective.dreg_variant` values of `m_dreg` (see its docstring; `cv` and `swap`: `_cv_terms`,
+`_swap_terms`, docs/estimators.md)."""
 
 
 # --- reducers: local vs. global normalisers ----------------------------------------------------
@@ -257,6 +260,15 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     * encoder m != r, from the particles of stratum r (a score term that stays):
       - sum_k w alpha_m(z_rk) grad_phi_m log q_m(z_rk), z held fixed.
 
+    ``variant="cv"`` and ``"swap"`` keep this mean and replace the last (score) terms:
+    ``cv`` by the score terms with w - 1/(MK) in place of w plus a bounded control-variate path
+    term through expert m's particles (any mixture, looser and joint); ``swap`` (looser only)
+    by a path term through expert m's particle z_mk that carries the whole term, weights
+    included (`_low_noise_terms` has the derivation; docs/estimators.md the measurements).
+    Use ``swap`` with the looser bound where the experts overlap (early training, larger K):
+    there it has the lowest encoder-gradient variance of the unbiased variants; ``cv`` for the
+    joint bound. Where the experts have separated all variants give nearly the same gradient.
+
     With M = 1, alpha = 1 and this is DReG: w~^2 on the path, nothing else for the encoder.
     The path reweighting is a gradient hook on the very z the log-weights are computed from (the
     paper code's hook sat on a copy that is not on the loss path, and never fired).
@@ -296,7 +308,12 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
         log_alpha_all = log_responsibilities(log_q_fixed, p.valid)  # (M_m, M_r, K, B)
         alpha_own = log_alpha_all[idx, idx].exp().detach()  # alpha_r(z_rk): (M, K, B)
         path_scale = 1 - (1 - w_soft) * alpha_own
-        surrogate = surrogate + _mixture_terms(model, p, w, idx)
+        if variant == "unbiased":
+            surrogate = surrogate + _mixture_terms(model, p, w, idx)
+        else:  # cv / swap: the other experts' score terms replaced (same mean, less noise)
+            extra_scale, terms = _low_noise_terms(model, p, lw, w, looser, variant,
+                                                  reducer or LocalReducer())
+            path_scale, surrogate = path_scale + extra_scale, surrogate + terms
     p.z.register_hook(lambda grad: (grad * path_scale.unsqueeze(-1)).to(grad.dtype))
     return _with_value(value, surrogate)
 
@@ -318,6 +335,71 @@ def _score_terms(model, p: Particles, w: torch.Tensor, log_alpha: torch.Tensor) 
     log_q_params = log_q_matrix(model, p.z.detach(), p.posts, detach_params=False)
     off_diag = ~torch.eye(log_alpha.shape[0], dtype=torch.bool, device=w.device)  # (M_m, M_r)
     return (w.unsqueeze(0) * log_alpha.exp() * log_q_params)[off_diag].sum((0, 1))
+
+
+def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, looser: bool,
+                     variant: str, reducer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `cv` and `swap` variants' stand-in for the other experts' score terms of the unbiased
+    mixture DReG: (an extra per-particle scale for the path hook (M, K, B), surrogate (B,)).
+
+    Notation as in `m_dreg`; s_m(z) = grad_psi_m log q_m(z) at z fixed, all of q's parameters
+    held fixed inside alpha and l. The term to replace is, per stratum r, particle k and m != r,
+        T_rkm = - w_rk alpha_m(z_rk) s_m(z_rk),   z_rk ~ q_r.
+    Two facts give it another form with the same mean:
+    (1) q_r alpha_m = q_r q_m / sum_j q_j = q_m alpha_r, so for any f fixed (not a function of
+        psi), E_{z~q_r}[alpha_m(z) f(z) s_m(z)] = E_{u~q_m}[alpha_r(u) f(u) s_m(u)]: both
+        coefficients lie in [0, 1] (the plain importance ratio q_m/q_r does not, and its
+        variance can be infinite);
+    (2) the reparameterisation identity E_{u~q_m}[F(u) s_m(u)] = E_eps[dF/du du/dpsi_m],
+        u = loc_m + scale_m eps, for F fixed: a path term through expert m's particles.
+    The noise eps_mk of z_mk (same k, stratum m) is independent of stratum r's particles, so
+    z_mk may serve as u for T_rkm (it keeps its own roles too: unbiasedness is per term).
+
+    * ``cv``: a control variate with a known mean. By (1)-(2) with f = 1,
+      C_rkm = beta [alpha_m(z_rk) s_m(z_rk) - d alpha_r(z_mk)/dz dz_mk/dpsi_m] has mean zero for
+      any beta that depends on no particle; beta = 1/(M K) (K all particles of a stratum,
+      across shards and chunks), the mean of w_rk. T_rkm + C_rkm leaves the score term with
+      w_rk - beta in place of w_rk (nothing when the weights are flat) and adds a bounded path
+      term. Any mixture, looser and joint; no decoder work (alpha only).
+    * ``swap`` (looser only): the whole term moves onto expert m's particle. Given stratum r's
+      other particles, w~_rk = h_rk(z_rk) with h_rk(u) = e^l(u) / (A_rk + e^l(u)) and
+      A_rk = sum_{j != k} e^l(z_rj) (a fixed function of u), so by (1)-(2) with f = h_rk,
+      T_rkm has the mean of -(1/M) d[alpha_r h_rk](z_mk)/dz dz_mk/dpsi_m, i.e.
+      -(1/M)[h_rk grad alpha_r + alpha_r h_rk (1 - h_rk) grad l] at u = z_mk: no score term is
+      left. The joint bound's normaliser holds z_mk too, so h would not be fixed in u there.
+      The grad-l part rides on the hook of z_mk (scale / w_mk, formed in log space); where
+      w_mk underflows in the networks' gradient dtype (fp32/bf16: w < ~1e-38) that part is
+      lost; under fp16 that is common, and config refuses swap with fp16.
+    Both use only z_rk and z_mk with the same k and the global normalisers (`reducer`), so
+    particle shards and K-chunks (which slice k alike in every stratum) give the one-process
+    gradient.
+    """
+    M, K, _ = lw.shape
+    idx = torch.arange(M, device=lw.device)
+    off = ~torch.eye(M, dtype=torch.bool, device=lw.device)  # (row r or m, column: stratum)
+    z_again = _reparam(model, p.posts, p.eps)  # a copy of z the hook does not scale
+    log_q = log_q_matrix(model, z_again, p.posts, detach_params=True)
+    alpha_path = (log_q - torch.logsumexp(log_q, 0)).exp()  # [i, j]: alpha_i(z_jk), on the path
+    log_alpha = (log_q - torch.logsumexp(log_q, 0)).detach()
+    own = -(w * alpha_path[idx, idx]).sum((0, 1))  # as in `unbiased`
+    if variant == "cv":
+        beta = 1.0 / (M * reducer.count(K)) if looser else 1.0 / reducer.count(M * K)
+        moved = -beta * alpha_path[off].sum((0, 1))  # [r, m]: alpha_r at z_mk
+        return torch.zeros_like(w), own + moved - _score_terms(model, p, w - beta, log_alpha)
+    if not looser:
+        raise ValueError("dreg variant 'swap' needs the looser (stratified) bound; "
+                         "use variant 'cv' for the joint bound")
+    lw = lw.detach()
+    lse = reducer.logsumexp(lw, 1)  # (M, B): log Z_r over all of stratum r's particles
+    log_w_soft = (lw - lse[:, None]).clamp(max=0)
+    log_a = lse[:, None] + torch.log(-torch.expm1(log_w_soft))  # log A_rk (-inf if w~_rk = 1)
+    log_n = torch.logaddexp(log_a[:, None], lw[None])  # [r, m, k, b]: log(A_rk + e^l(z_mk))
+    h = (lw[None] - log_n).exp()  # h_rk(z_mk)
+    moved = -(h * alpha_path)[off].sum((0, 1)) / M
+    # alpha_r h (1 - h) / w~_mk at z_mk, summed over r != m: the grad-l coefficient over w_mk
+    log_c = log_alpha + (log_a[:, None] - log_n) + (lse[None, :, None] - log_n)
+    extra = -(log_c.clamp(max=700).exp() * off[:, :, None, None]).sum(0)
+    return extra, own + moved
 
 
 def m_dreg_score_part(model, xs, K: int = 1, *, looser: bool = False, eps=None,

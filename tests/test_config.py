@@ -46,6 +46,11 @@ def test_saved_config_round_trips(tmp_path):
     (["train.lr=0"], "train.lr must be > 0"),
     (["model.llik_scaling=-1"], "model.llik_scaling must be >= 0"),
     (["logging.wandb=off"], "logging.wandb='off'; choose one of offline, online, disabled"),
+    (["objective.dreg_variant=loo"], "choose one of unbiased, paper, stl, cv, swap"),
+    (["objective.dreg_variant=swap", "objective.looser=false"],
+     "swap needs the looser bound: .*use objective.dreg_variant=cv for the joint bound"),
+    (["objective.dreg_variant=swap", "train.mixed_precision=fp16"],
+     "swap loses terms under fp16 gradients: set train.mixed_precision=bf16"),
 ])
 def test_bad_values_raise_one_line_errors(overrides, match):
     with pytest.raises(ConfigError, match=match) as err:

@@ -128,6 +128,10 @@ def test_cli_writes_every_estimator_and_group_and_refuses_a_missing_checkpoint(t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checkpoint of step 7" in err[0]
     assert not (tmp_path / "b.json").exists()
+    joint = argv[:2] + ["objective.looser=false"] + argv[2:-2] + ["--out", str(tmp_path / "c.json")]
+    assert grad_snr.main(joint + ["--estimators", "unbiased,swap"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "swap needs objective.looser=true" in err[0]
 
 
 def test_weight_stats_see_flat_weights_at_the_exact_posterior_and_overlap_of_the_experts():

@@ -3,7 +3,7 @@
 `python launch/grad_snr.py --run RUN_DIR [--points all] [--draws 20] [--out FILE] [--plot PNG]`
 or `--config X.yaml [key=value ...]` (the initial weights of that config). For each point (init,
 checkpoint steps, final), one fixed batch and R particle-noise draws shared by every estimator
-(unbiased, paper, stl, iwae): per parameter group the mean and median over elements of
+(unbiased, paper, stl, cv, swap, iwae): per parameter group the mean and median over elements of
 |mean|/sd of the gradient, and for mixtures the share of the unbiased DReG's encoder variance
 that comes from the other experts' score terms (mmvae/eval/gradsnr.py, docs/estimators.md).
 """
@@ -23,7 +23,8 @@ def parse_args(argv):
     src.add_argument("--config", help="YAML config: measure its initial weights")
     p.add_argument("--points", default=None, help="all | comma list of init, final, steps "
                                                   "(default: all with --run, init with --config)")
-    p.add_argument("--estimators", default="unbiased,paper,stl,iwae")
+    p.add_argument("--estimators", default=None,
+                   help="comma list (default: all; swap only with objective.looser)")
     p.add_argument("--draws", type=int, default=20, help="R noise draws per estimator")
     p.add_argument("--K", type=int, default=0, help="particles (default: objective.K)")
     p.add_argument("--batch-size", type=int, default=0, help="default: data.batch_size")
@@ -45,8 +46,9 @@ def main(argv=None) -> int:
         if run_dir is not None and not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"no config.yaml in {run_dir}; pass a run folder written by train.py")
         cfg = load_config(run_dir / "config.yaml" if run_dir else args.config, args.overrides)
-        estimators = [e for e in args.estimators.split(",") if e]
         from mmvae.eval import gradsnr, gradsnr_run as R
+        estimators = ([e for e in args.estimators.split(",") if e] if args.estimators else
+                      [e for e in gradsnr.ESTIMATORS if e != "swap" or cfg.objective.looser])
         from mmvae.log import make_console
         from mmvae.train.loop import model_kwargs
 
@@ -54,6 +56,9 @@ def main(argv=None) -> int:
         if bad or args.draws < 2:
             raise ConfigError(f"estimators {bad} unknown (valid: {', '.join(gradsnr.ESTIMATORS)})"
                               if bad else "--draws must be >= 2 (an sd needs two draws)")
+        if "swap" in estimators and not cfg.objective.looser:
+            raise ConfigError("estimator swap needs objective.looser=true; "
+                              "use cv for the joint bound")
         points = R.resolve_points(args.points or ("all" if run_dir else "init"), run_dir)
         model, initial = R.fresh_model(cfg, model_kwargs(cfg))
         K, B = args.K or cfg.objective.K, args.batch_size or cfg.data.batch_size

@@ -14,8 +14,9 @@ experts' score terms (`objectives.m_dreg_score_part`, what `stl` and `paper` dro
 tr Var(total) = tr Var(score) + tr Var(rest) + 2 tr Cov(score, rest), each summed over a group's
 elements.
 
-Estimators: ``unbiased``, ``paper``, ``stl`` (the `dreg_variant`s of `objectives.m_dreg`) and
-``iwae`` (`m_iwae`), all with the model's `looser` setting. The loss is -bound.mean() over the
+Estimators: ``unbiased``, ``paper``, ``stl``, ``cv``, ``swap`` (the `dreg_variant`s of
+`objectives.m_dreg`; ``swap`` needs the looser bound) and ``iwae`` (`m_iwae`), all with the
+model's `looser` setting. The loss is -bound.mean() over the
 batch, as in training.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from mmvae import objectives
 
-ESTIMATORS = ("unbiased", "paper", "stl", "iwae")
+ESTIMATORS = ("unbiased", "paper", "stl", "cv", "swap", "iwae")
 
 
 def parameter_groups(model) -> dict[str, list[torch.nn.Parameter]]:

@@ -16,6 +16,8 @@ VARIANTS = {
     "unbiased": ["objective.name=dreg", "objective.dreg_variant=unbiased"],
     "paper": ["objective.name=dreg", "objective.dreg_variant=paper"],
     "stl": ["objective.name=dreg", "objective.dreg_variant=stl"],
+    "cv": ["objective.name=dreg", "objective.dreg_variant=cv"],
+    "swap": ["objective.name=dreg", "objective.dreg_variant=swap"],
     "iwae": ["objective.name=iwae"],
     "elbo": ["objective.name=elbo"],
 }

@@ -32,6 +32,10 @@ from mmvae.train.step import (ObjectiveModule, draw_noise, estimator_for, noise_
 CASES = [(m, o, lo, dt) for m, dt in (("gaussian_pair", "fp32"), ("mnist_svhn", "fp64"),
                                       ("mnist_svhn", "fp32"))
          for o in ("iwae", "dreg") for lo in (False, True)]
+# the low-noise mixture DReG variants ("dreg.<variant>"): their terms pair particles of the same
+# k across components and use the global normalisers, so P=2 must give the one-process step too
+CASES += [(m, o, lo, dt) for m, dt in (("gaussian_pair", "fp32"), ("mnist_svhn", "fp64"))
+          for o, lo in (("dreg.cv", False), ("dreg.cv", True), ("dreg.swap", True))]
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 DEEPSPEED_CASE = ("gaussian_pair", "dreg", True, "fp32")
 K, B = 4, 6
@@ -57,7 +61,9 @@ def config(model_name, objective, looser, P) -> Config:
     cfg = Config()
     cfg.model.name, cfg.model.latent_dim, cfg.model.learn_prior = model_name, 3, True
     cfg.model.data_dim = 3
-    cfg.objective.name, cfg.objective.looser, cfg.objective.K = objective, looser, K
+    name, _, variant = objective.partition(".")
+    cfg.objective.name, cfg.objective.looser, cfg.objective.K = name, looser, K
+    cfg.objective.dreg_variant = variant or "unbiased"
     cfg.parallel.particle_shards, cfg.train.seed = P, 7
     return cfg
 
