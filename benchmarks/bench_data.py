@@ -204,9 +204,9 @@ def stage_costs(shards: Path, modalities, batch_size: int, tar_reader: str) -> d
     """CPU µs per sample of each stage over the train split, and the loader's samples/s."""
     from mmvae.data.decode import Decode, ToTensors, collate, images_to_float
     from mmvae.data.errors import ErrorCounter
-    from mmvae.data.pipeline import ReadShards, SelectKeys, _split_info, make_loader
+    from mmvae.data.pipeline import ReadShards, SelectKeys, split_info, make_loader
 
-    info, errors = _split_info(shards, "train"), ErrorCounter("raise")
+    info, errors = split_info(shards, "train"), ErrorCounter("raise")
     stems = list(modalities) + ["label"]
     samples, t_read = _cpu(lambda: list(SelectKeys(stems, errors)(
         ReadShards(info.store, info.expected, errors, tar_reader)({"url": f} for f in info.files))))

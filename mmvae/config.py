@@ -273,6 +273,8 @@ config sits below eval; tests/eval/test_metrics.py checks that the two agree).""
 
 FUSIONS = ("moe", "mopoe", "poe")
 MASK_FUSIONS = ("moe", "mopoe", "poe")
+MASK_UNSUPPORTED_VARIANTS = ("cv", "swap")
+"""DReG variants whose extra terms do not take the presence mask yet (`m_dreg` refuses them)."""
 """Fusions whose estimators take a per-sample presence mask (missing modalities)."""
 """`model.fusion` names: the keys of `mmvae.models.fusions.FUSIONS` (listed here because config
 sits below models; tests/test_fusions.py checks that the two agree)."""
@@ -448,6 +450,11 @@ def check_missing_modalities(cfg: Config, missing: bool, why: str) -> None:
     if missing and cfg.model.fusion not in MASK_FUSIONS:
         raise ConfigError(f"model.fusion={cfg.model.fusion} does not support missing modalities "
                           f"({why}); use model.fusion={'|'.join(MASK_FUSIONS)} or set "
+                          f"data.drop_modalities=0 / use shards with every modality")
+    variant = cfg.objective.dreg_variant
+    if missing and cfg.objective.name == "dreg" and variant in MASK_UNSUPPORTED_VARIANTS:
+        raise ConfigError(f"objective.dreg_variant={variant} does not support missing modalities "
+                          f"({why}); use objective.dreg_variant=unbiased or set "
                           f"data.drop_modalities=0 / use shards with every modality")
 
 

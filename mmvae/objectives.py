@@ -291,6 +291,9 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     """
     if variant not in VARIANTS:
         raise ValueError(f"dreg variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if variant in ("cv", "swap") and present is not None:
+        raise ValueError(f"dreg variant {variant!r} does not take a presence mask (missing "
+                         f"modalities); use variant 'unbiased'")
     xs = _as_list(xs)
     p = draw(model, xs, K, eps, present)
     M = p.z.shape[0]

@@ -89,12 +89,27 @@ def test_shards_that_omit_keys_train_with_the_mask(shards, tmp_path, fusion, obj
 
 def test_a_fusion_without_mask_support_is_a_one_line_config_error():
     cfg = SimpleNamespace(model=SimpleNamespace(fusion="moe_plus"),
-                          data=SimpleNamespace(drop_modalities=0.3))
+                          data=SimpleNamespace(drop_modalities=0.3),
+                          objective=SimpleNamespace(name="dreg", dreg_variant="unbiased"))
     with pytest.raises(ConfigError, match=r"model.fusion=moe_plus does not support missing "
                                           r"modalities \(data.drop_modalities\); use "
                                           r"model.fusion=moe\|mopoe\|poe"):
         check_missing_modalities(cfg, True, "data.drop_modalities")
     check_missing_modalities(cfg, False, "data.drop_modalities")  # nothing missing: fine
+
+
+@pytest.mark.parametrize("variant", ["cv", "swap"])
+def test_a_dreg_variant_without_mask_support_is_a_one_line_config_error(variant):
+    cfg = SimpleNamespace(model=SimpleNamespace(fusion="moe"),
+                          data=SimpleNamespace(drop_modalities=0.3),
+                          objective=SimpleNamespace(name="dreg", dreg_variant=variant))
+    with pytest.raises(ConfigError, match=rf"objective.dreg_variant={variant} does not support "
+                                          r"missing modalities \(data.drop_modalities\); use "
+                                          r"objective.dreg_variant=unbiased"):
+        check_missing_modalities(cfg, True, "data.drop_modalities")
+    check_missing_modalities(cfg, False, "data.drop_modalities")
+    cfg.objective.name = "iwae"  # the variant only matters to dreg
+    check_missing_modalities(cfg, True, "data.drop_modalities")
 
 
 def test_drop_modalities_out_of_range_or_on_one_modality_is_exit_2(shards, tmp_path, capsys):

@@ -420,7 +420,7 @@ class SplitInfo:
         return {f: (c, b) for f, c, b in zip(self.files, self.counts, self.sizes)}
 
 
-def _split_info(shards_dir, split: str) -> SplitInfo:
+def split_info(shards_dir, split: str) -> SplitInfo:
     store = open_store(shards_dir)
     manifest = read_manifest(store)  # names checked here: no scheme, path or '..' gets through
     if split not in manifest["splits"]:
@@ -641,7 +641,7 @@ def make_loader(shards_dir, split: str, *, batch_size: int, modalities: Sequence
         empty split. ValueError: bad arguments, or fewer shards than
         ``dp_size * max(1, num_workers)``.
     """
-    info = _split_info(shards_dir, split)
+    info = split_info(shards_dir, split)
     modalities = list(modalities) if not isinstance(modalities, str) else modalities
     _validate(info, split, batch_size=batch_size, modalities=modalities, num_workers=num_workers,
               dp_rank=dp_rank, dp_size=dp_size, on_error=on_error, shuffle_buffer=shuffle_buffer,
