@@ -118,7 +118,8 @@ def main(argv=None) -> int:
         "rounds": args.rounds, "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)],
         "a_step_s": round(med["A"], 4), "b_step_s": round(med["B"], 4),
         "a_over_b": round(med["A"] / med["B"], 3),
-        "a_steps_s": [round(t, 3) for t in times["A"]], "b_steps_s": [round(t, 3) for t in times["B"]],
+        "a_steps_s": [round(t, 3) for t in times["A"]],
+        "b_steps_s": [round(t, 3) for t in times["B"]],
         "a_first_step_with_compile_s": arms["A"].compile_s and round(arms["A"].compile_s, 2),
         "b_first_step_with_compile_s": arms["B"].compile_s and round(arms["B"].compile_s, 2)}))
     return 0
