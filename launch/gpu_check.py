@@ -140,8 +140,8 @@ class Trainer:
         return skipped
 
     def timed(self, warmup: int, steps: int, efficiency: bool = False) -> dict:
-        flops = perf.count_flops(self.step) if efficiency else None  # also a warm-up step
-        warmup_overflows = self.settle(warmup)
+        flops = perf.count_flops(self.step) if efficiency else None  # the first warm-up step
+        warmup_overflows = self.settle(max(warmup - 1, 0) if efficiency else warmup)
         self.sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
