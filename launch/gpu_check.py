@@ -7,7 +7,10 @@ Sections (each reports its own result; one failing does not stop the others):
 
 * ``steps``: the trainer's own step (`mmvae.train.step.train_step`: noise, backward through
   accelerate, GradScaler, optimiser) in fp32, bf16 and fp16 for mnist_svhn (dreg looser, K=30,
-  B=128 and 512) and cubIS (dreg looser, K=50, B=64, V=1590): step time, samples/s, peak memory;
+  B=128 and 512) and cubIS (dreg looser, K=50, B=64, V=1590): step time, samples/s, peak memory,
+  and the efficiency against the device's own matmul peak in that precision (`mmvae.perf`: FLOP
+  of the step counted once before the timing, peak measured in the same process, cached per
+  precision);
 * ``k_chunk_memory``: peak memory of one mnist_svhn step at K=1000 with k_chunk=50;
 * ``fp16_overflow``: an fp16 step forced to overflow (loss scale set to 3e38) must be skipped,
   lower the scale, and the next step must run;
@@ -44,6 +47,7 @@ sys.path.insert(1, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from bench_cub import random_batch as cub_inputs  # noqa: E402
+from mmvae import perf  # noqa: E402
 from mmvae.config import load_config  # noqa: E402
 from mmvae.registry import build_model  # noqa: E402
 from mmvae.train.dist import make_accelerator, make_layout, release  # noqa: E402
@@ -135,8 +139,9 @@ class Trainer:
             skipped += last_skipped
         return skipped
 
-    def timed(self, warmup: int, steps: int) -> dict:
-        warmup_overflows = self.settle(warmup)
+    def timed(self, warmup: int, steps: int, efficiency: bool = False) -> dict:
+        flops = perf.count_flops(self.step) if efficiency else None  # the first warm-up step
+        warmup_overflows = self.settle(max(warmup - 1, 0) if efficiency else warmup)
         self.sync()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -146,6 +151,9 @@ class Trainer:
         self.sync()
         seconds = (time.perf_counter() - t0) / steps
         B, K = self.cfg.data.batch_size, self.cfg.objective.K
+        eff = (perf.efficiency(flops, seconds, matmul_peak(self.cfg.train.mixed_precision,
+                                                           self.device))
+               if efficiency else {})
         return {"step_s": round(seconds, 4), "samples_per_s": round(B / seconds, 1),
                 "samples_particles_per_s": round(B * K / seconds, 1),
                 "peak_mem_mb": peak_mb(self.device), "bound": round(stats[-1]["bound"], 3),
@@ -154,7 +162,7 @@ class Trainer:
                 "warmup_overflows": warmup_overflows,
                 # an fp16 overflow (a finite loss, its scaled gradients not) is routine; any
                 # other skipped step is a failure
-                "ok": all(not s["skipped"] or s.get("overflow", False) for s in stats)}
+                "ok": all(not s["skipped"] or s.get("overflow", False) for s in stats), **eff}
 
     def release(self) -> None:
         release(self.acc)
@@ -162,6 +170,18 @@ class Trainer:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+_PEAKS: dict = {}
+
+
+def matmul_peak(precision: str, device: torch.device) -> perf.Peak:
+    """The device's matmul peak in `precision`'s dtype, measured once per run (on a CPU, i.e.
+    the dry run, only up to 256^3: it checks the code path, not the CPU)."""
+    if precision not in _PEAKS:
+        _PEAKS[precision] = perf.matmul_peak(perf.precision_dtype(precision), device,
+                                             max_n=256 if device.type == "cpu" else None)
+    return _PEAKS[precision]
 
 
 def precision_override(precision: str) -> str:
@@ -182,7 +202,7 @@ def steps_section(args) -> dict:
             log(f"steps: {key}")
             out[key] = guarded(lambda: run_trainer(
                 model_overrides(name, K, B, args.dry_run) + [precision_override(precision)],
-                args, lambda t: t.timed(args.warmup, args.steps)))
+                args, lambda t: t.timed(args.warmup, args.steps, efficiency=True)))
     out["ok"] = all(v.get("ok", False) for v in out.values())
     return out
 

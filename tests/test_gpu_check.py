@@ -38,6 +38,11 @@ def test_dry_run_reports_every_section_and_the_cpu_paths_pass(dry_run):
             assert result["ok"], (case, precision, result)
             assert result["samples_per_s"] > 0 and result["peak_mem_mb"] > 0
             assert result["bound"] < 0  # a log-likelihood bound of random data
+            # efficiency against the matmul peak of the precision in use, as benchmarks/bench.py
+            assert result["gflop_per_step"] > 0 and result["peak_gflops"] > 0
+            assert result["peak_matmul"].endswith({"fp32": "float32", "bf16": "bfloat16"}[precision])
+            assert result["efficiency"] == pytest.approx(
+                result["achieved_gflops"] / result["peak_gflops"], abs=1e-3)
         assert "ok" in steps[f"{case}_fp16"]  # ran and reported, passed or not
     chunk = dry_run["sections"]["k_chunk_memory"]
     assert chunk["ok"] and chunk["k_chunk"] < chunk["K"]
