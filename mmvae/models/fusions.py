@@ -8,11 +8,16 @@ density over z whose parameters are functions of some experts' outputs:
 | moe     | MMVAE (Shi et al. 2019)       | each expert alone: q_m                 | M       |
 | mopoe   | MoPoE (Sutter et al. 2021)    | every non-empty subset s: PoE(p, q_s)  | 2^M - 1 |
 | poe     | MVAE (Wu & Goodman 2018)      | all experts: PoE(p, q_1..q_M)          | 1       |
+| moe_plus| MMVAE+ (Palumbo et al. 2023)  | each expert over (z, w_1..w_M)         | M       |
 
 PoE(p, q_s) is the product of the prior expert p(z) and the experts of s, renormalised. It is
 closed form only for Gaussians: precision P = 1/sigma_p^2 + sum_{m in s} 1/sigma_m^2, mean
 (mu_p/sigma_p^2 + sum_m mu_m/sigma_m^2) / P; the product fusions therefore use Normal
 posteriors and a Normal prior (`product=True`; the model builders switch the families).
+
+moe_plus adds modality-specific latents w_m: the latent is u = (z, w_1..w_M) and component m is
+q_m(z, w_m | x_m) times the auxiliary priors r_n(w_n) of the other modalities, built by
+`mmvae.models.mmvae_plus` (`private=True`); to the estimators it is a mixture like moe's.
 
 Because the estimators only see components (their (loc, scale), family and standard noise), one
 set of estimators serves every fusion: K particles per component (stratified sampling), the
@@ -68,6 +73,9 @@ class Fusion:
     elbo_subsets: Callable[[int], Subsets] | None = None
     """Subsets whose ELBOs are summed in training (MVAE's sub-sampled paths); None = the
     fusion's own ELBO over its mixture (`mmvae.objectives.m_elbo`)."""
+    private: bool = False
+    """Modality-specific latents w_m next to the shared z (MMVAE+): the model builders make an
+    `mmvae.models.mmvae_plus.MMVAEPlus`, whose experts' posteriors are its components."""
 
     def components(self, posts, prior, subsets: Subsets | None = None):
         """Per component (loc, scale), each (B, D): the experts of `subsets` (default: the
@@ -91,6 +99,7 @@ FUSIONS: dict[str, Fusion] = {
     "mopoe": Fusion("mopoe", all_subsets, product=True),
     "poe": Fusion("poe", everything, product=True,
                   elbo_subsets=lambda M: everything(M) + singletons(M)),
+    "moe_plus": Fusion("moe_plus", singletons, product=False, private=True),
 }
 
 
