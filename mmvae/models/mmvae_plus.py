@@ -155,10 +155,10 @@ def with_private_latents(vaes: list[VAE], *, shared: int, private: int, aux_scal
     """The MMVAE+ model over `vaes`, whose nets were built with latent size shared + private."""
     layout = Layout(shared, private, len(vaes))
     for n, vae in enumerate(vaes):
-        if vae.latent_dim != shared + private:
-            raise ValueError(f"expert {vae.modality} has latent size {vae.latent_dim}; MMVAE+ "
-                             f"experts need shared + private = {shared + private}")
-        vae.__class__ = PrivateExpert if type(vae) is VAE else vae.__class__
+        if type(vae) is not VAE or vae.latent_dim != shared + private:
+            raise ValueError(f"expert {vae.modality}: MMVAE+ takes plain VAEs whose nets have "
+                             f"latent size shared + private = {shared + private}")
+        vae.__class__ = PrivateExpert  # the same module, read in u-space
         vae.layout, vae.index, vae.aux_scale = layout, n, float(aux_scale)
         vae.latent_dim = layout.size
     return (cls or MMVAEPlus)(vaes, layout=layout, fusion=fusion, **mmvae_kwargs)
