@@ -71,7 +71,15 @@ class ModelConfig:
     (MMVAE, the mixture of experts) | mopoe (mixture of the products of experts of every
     non-empty subset, Sutter et al. 2021) | poe (MVAE: product with a prior expert, Wu & Goodman
     2018). mopoe and poe use Normal posteriors and prior (a product of experts is closed form only
-    for Gaussians)."""
+    for Gaussians). moe_plus (MMVAE+, Palumbo et al. 2023): moe over the shared z plus
+    modality-specific latents w_m (`private_dim`) with auxiliary priors (`aux_scale`)."""
+    private_dim: int = 0
+    """moe_plus: size of each modality-specific latent w_m; 0 = latent_dim (MMVAE+'s PolyMNIST
+    model: 32 and 32)."""
+    aux_scale: float = 2.0
+    """moe_plus: scale of the auxiliary prior r_m(w_m) (same family as p(w), which starts at
+    scale 1), wider than p(w): the w of a modality that is not given (cross generation, the
+    other modalities' strata of the bound) is drawn from it."""
     num_modalities: int = 2
     """Modalities of gaussian_pair (x1 .. xM); the others have their data's modalities."""
     paper_token_loss: bool = False
@@ -271,11 +279,11 @@ PERIODIC_METRICS = ("likelihood", "coherence", "subset_coherence", "subset_laten
 `mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
 config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
-FUSIONS = ("moe", "mopoe", "poe")
 MASK_FUSIONS = ("moe", "mopoe", "poe")
+"""Fusions whose estimators take a per-sample presence mask (missing modalities)."""
 MASK_UNSUPPORTED_VARIANTS = ("cv", "swap")
 """DReG variants whose extra terms do not take the presence mask yet (`m_dreg` refuses them)."""
-"""Fusions whose estimators take a per-sample presence mask (missing modalities)."""
+FUSIONS = ("moe", "mopoe", "poe", "moe_plus")
 """`model.fusion` names: the keys of `mmvae.models.fusions.FUSIONS` (listed here because config
 sits below models; tests/test_fusions.py checks that the two agree)."""
 
@@ -291,7 +299,7 @@ CHOICES = {
     "eval.coherence_pairs": ("auto", "unique", "shards"),
     "eval.embedding": ("umap", "tsne", "pca"),
 }
-POSITIVE = ("model.latent_dim", "model.num_modalities", "objective.K", "train.lr",
+POSITIVE = ("model.latent_dim", "model.num_modalities", "model.aux_scale", "objective.K", "train.lr",
             "train.adam_eps", "data.batch_size",
             "parallel.particle_shards",
             "train.keep_last", "train.max_bad_steps", "eval.iwae_K", "eval.batch_size",
@@ -301,7 +309,8 @@ NON_NEGATIVE = ("objective.k_chunk", "data.num_workers", "train.epochs", "train.
                 "train.grad_clip", "train.log_every", "train.checkpoint_every",
                 "train.test_every", "train.test_batches", "train.eval_every", "model.llik_scaling",
                 "eval.k_chunk", "model.num_hidden_layers", "model.vocab_size", "eval.max_datapoints",
-                "eval.classifier_epochs", "eval.latent_max_train", "eval.likelihood_datapoints")
+                "eval.classifier_epochs", "eval.latent_max_train", "eval.likelihood_datapoints",
+                "model.private_dim")
 
 
 def _sections():

@@ -287,7 +287,9 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     The m != r parts stay score terms, now reaching the encoders of subset m. A parameter of
     both p(z) and the components (a learned prior under a product fusion) gets its p(z) part as
     theta (sum w grad log p, z fixed) and its component part as above. Checked like MoE: an
-    fp64 formula test and z-tests against the IWAE gradient (tests/test_fusions.py).
+    fp64 formula test and z-tests against the IWAE gradient (tests/test_fusions.py). For
+    moe_plus the components are densities over u = (z, w_1..w_M): the same formula, written out
+    for (z, w) in `mmvae.models.mmvae_plus`.
     """
     if variant not in VARIANTS:
         raise ValueError(f"dreg variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -546,7 +548,7 @@ def subsets_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tens
     return _keep(rows, model.component_mask(present, subsets)).sum(0)
 
 
-ELBOS = {"moe": moe_elbo, "mopoe": mixture_elbo, "poe": subsets_elbo}
+ELBOS = {"moe": moe_elbo, "mopoe": mixture_elbo, "poe": subsets_elbo, "moe_plus": mixture_elbo}
 """The ELBO of each fusion (`mmvae.models.fusions.FUSIONS`), the `elbo` objective of a
 multimodal model."""
 

@@ -17,7 +17,7 @@ def overrides(shards, run_dir, fusion, *extra):
             "train.log_every=1", "train.max_steps=3", "train.epochs=1", *extra]
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe"])
+@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe", "moe_plus"])
 def test_every_fusion_trains_with_its_elbo_on_one_process(shards, tmp_path, fusion):
     run_dir = tmp_path / "run"
     from test_resume import DEMO
@@ -31,7 +31,7 @@ def test_every_fusion_trains_with_its_elbo_on_one_process(shards, tmp_path, fusi
     assert saved["fusion"] == fusion  # the model is rebuilt with its fusion by load_model
 
 
-@pytest.mark.parametrize("fusion", ["mopoe", "poe"])
+@pytest.mark.parametrize("fusion", ["mopoe", "poe", "moe_plus"])
 def test_two_particle_shards_through_launch_train_equal_one_process(shards, tmp_path, fusion):
     """Three DReG steps (joint bound, K=2): the same bounds and gradient norms at every step and
     the same weights, whether one process draws both particles of each component or two

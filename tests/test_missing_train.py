@@ -61,10 +61,11 @@ def omit_keys(src, dst, every: int = 3) -> int:
             with tarfile.open(path) as tar:
                 members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
             keys = sorted({m.name.partition(".")[0] for m, _ in members})
-            gone = {(k, "svhn.png") for k in keys[::every]} | {(k, "mnist.png") for k in keys[1::every]}
+            gone = {(k, "svhn") for k in keys[::every]} | {(k, "mnist") for k in keys[1::every]}
             with tarfile.open(path, "w") as tar:
                 for member, data in members:
-                    if tuple(member.name.split(".", 1)) in gone:
+                    key, _, ext = member.name.partition(".")
+                    if (key, ext.partition(".")[0]) in gone:  # svhn.npy or svhn.png
                         count += 1
                         continue
                     tar.addfile(member, io.BytesIO(data))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from mmvae.models.fusions import family_for, fusion_for, require_moe
 from mmvae.models.mmvae import MMVAE
+from mmvae.models.mmvae_plus import private_dim, with_private_latents
 from mmvae.models.vae import VAE, LocScaleLikelihood, default_llik_scaling
 from mmvae.nets import mnist, polydigits, svhn
 
@@ -10,13 +11,30 @@ LIKELIHOOD_SCALE = 0.75  # fixed Laplace scale after the paper code's issue #2 f
 
 
 def _image_vae(modality, net, cfg, family: str = "laplace", **nets_kwargs) -> VAE:
-    """A Laplace image VAE (Normal under a product fusion: `family`)."""
-    return VAE(modality=modality, encoder=net.Encoder(cfg.latent_dim, **nets_kwargs),
-               decoder=net.Decoder(cfg.latent_dim, **nets_kwargs), data_shape=net.DATA_SHAPE,
-               latent_dim=cfg.latent_dim, prior=family, posterior=family,
+    """A Laplace image VAE (Normal under a product fusion: `family`); its nets' latent size is
+    z's, plus w's under moe_plus (`expert_latent_dim`)."""
+    latent = expert_latent_dim(cfg)
+    return VAE(modality=modality, encoder=net.Encoder(latent, **nets_kwargs),
+               decoder=net.Decoder(latent, **nets_kwargs), data_shape=net.DATA_SHAPE,
+               latent_dim=latent, prior=family, posterior=family,
                posterior_scale="softmax", prior_scale="softmax", prior_eta=0.0,
                likelihood=LocScaleLikelihood("laplace", LIKELIHOOD_SCALE),
                learn_prior=cfg.learn_prior)
+
+
+def expert_latent_dim(cfg) -> int:
+    """The latent size an expert's nets see: z, or (z, w_m) under a fusion with private latents."""
+    return cfg.latent_dim + (private_dim(cfg) if fusion_for(cfg).private else 0)
+
+
+def multimodal(vaes, cfg, fusion, family, scaling) -> MMVAE:
+    """The MMVAE over `vaes` under `fusion`: MMVAE+ (`mmvae.models.mmvae_plus`) for moe_plus."""
+    common = dict(prior=family, prior_scale="softmax", prior_eta=0.0,
+                  learn_prior=cfg.learn_prior, llik_scaling=scaling, fusion=fusion)
+    if fusion.private:
+        return with_private_latents(vaes, shared=cfg.latent_dim, private=private_dim(cfg),
+                                    aux_scale=cfg.aux_scale, **common)
+    return MMVAE(vaes, latent_dim=cfg.latent_dim, **common)
 
 
 def build_mnist(cfg) -> VAE:
@@ -35,8 +53,7 @@ def build_mnist_svhn(cfg) -> MMVAE:
     vaes = [_image_vae("mnist", mnist, cfg, family, num_hidden_layers=cfg.num_hidden_layers),
             _image_vae("svhn", svhn, cfg, family)]
     scaling = default_llik_scaling([mnist.DATA_SHAPE, svhn.DATA_SHAPE], cfg.llik_scaling)
-    return MMVAE(vaes, latent_dim=cfg.latent_dim, prior=family, prior_scale="softmax",
-                 prior_eta=0.0, learn_prior=cfg.learn_prior, llik_scaling=scaling, fusion=fusion)
+    return multimodal(vaes, cfg, fusion, family, scaling)
 
 
 def build_polydigits(cfg) -> MMVAE:
@@ -47,5 +64,4 @@ def build_polydigits(cfg) -> MMVAE:
     family = family_for(fusion, "laplace")
     vaes = [_image_vae(f"m{i}", polydigits, cfg, family) for i in range(5)]
     scaling = default_llik_scaling([polydigits.DATA_SHAPE] * 5, cfg.llik_scaling)
-    return MMVAE(vaes, latent_dim=cfg.latent_dim, prior=family, prior_scale="softmax",
-                 prior_eta=0.0, learn_prior=cfg.learn_prior, llik_scaling=scaling, fusion=fusion)
+    return multimodal(vaes, cfg, fusion, family, scaling)

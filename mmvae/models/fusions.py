@@ -8,11 +8,16 @@ density over z whose parameters are functions of some experts' outputs:
 | moe     | MMVAE (Shi et al. 2019)       | each expert alone: q_m                 | M       |
 | mopoe   | MoPoE (Sutter et al. 2021)    | every non-empty subset s: PoE(p, q_s)  | 2^M - 1 |
 | poe     | MVAE (Wu & Goodman 2018)      | all experts: PoE(p, q_1..q_M)          | 1       |
+| moe_plus| MMVAE+ (Palumbo et al. 2023)  | each expert over (z, w_1..w_M)         | M       |
 
 PoE(p, q_s) is the product of the prior expert p(z) and the experts of s, renormalised. It is
 closed form only for Gaussians: precision P = 1/sigma_p^2 + sum_{m in s} 1/sigma_m^2, mean
 (mu_p/sigma_p^2 + sum_m mu_m/sigma_m^2) / P; the product fusions therefore use Normal
 posteriors and a Normal prior (`product=True`; the model builders switch the families).
+
+moe_plus adds modality-specific latents w_m: the latent is u = (z, w_1..w_M) and component m is
+q_m(z, w_m | x_m) times the auxiliary priors r_n(w_n) of the other modalities, built by
+`mmvae.models.mmvae_plus` (`private=True`); to the estimators it is a mixture like moe's.
 
 Because the estimators only see components (their (loc, scale), family and standard noise), one
 set of estimators serves every fusion: K particles per component (stratified sampling), the
@@ -78,6 +83,9 @@ class Fusion:
     """Missing modalities: a component whose subset holds absent experts is the product of its
     present ones (poe: the joint posterior of whatever is there) instead of being left out of
     the sample's mixture (moe, mopoe: the experts / subsets of the present modalities)."""
+    private: bool = False
+    """Modality-specific latents w_m next to the shared z (MMVAE+): the model builders make an
+    `mmvae.models.mmvae_plus.MMVAEPlus`, whose experts' posteriors are its components."""
 
     def components(self, posts, prior, subsets: Subsets | None = None,
                    present: torch.Tensor | None = None):
@@ -114,6 +122,7 @@ FUSIONS: dict[str, Fusion] = {
     "mopoe": Fusion("mopoe", all_subsets, product=True),
     "poe": Fusion("poe", everything, product=True,
                   elbo_subsets=lambda M: everything(M) + singletons(M), partial=True),
+    "moe_plus": Fusion("moe_plus", singletons, product=False, private=True),
 }
 
 

@@ -10,7 +10,9 @@ the pair) and `sample_data(n)` (a tensor, or a list of M tensors, as the estimat
 `set_exact_posterior()` moves each encoder to the best mean-field fit of its exact posterior
 p(z|x_m), which makes IWAE with large K converge to the exact value quickly. Under a product
 fusion (poe, mopoe) an expert is a likelihood factor instead: its product with the prior expert
-is that fit (same mean, same diagonal precision).
+is that fit (same mean, same diagonal precision). Under moe_plus (MMVAE+, `GaussianPairPlus`)
+decoder m reads (z, w_m): x_m = A_m z + B_m w_m + b_m + noise, still linear-Gaussian in
+u = (z, w_1..w_M), so log p(x_1..x_M) stays exact.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from mmvae.config import ConfigError
 from mmvae.models.fusions import fusion_for, require_moe
 from mmvae.models.mmvae import MMVAE
+from mmvae.models.mmvae_plus import MMVAEPlus, private_dim, with_private_latents
 from mmvae.models.vae import VAE, LocScaleLikelihood
 from mmvae.nets import linear
 
@@ -102,6 +105,39 @@ class GaussianPair(MMVAE):
             _set_exact_posterior(vae, self.prior_params()[1], factor=self.fusion.product)
 
 
+class GaussianPairPlus(MMVAEPlus):
+    """gaussian_pair under moe_plus: the latent u = (z, w_1..w_M) (`mmvae.models.mmvae_plus`)."""
+
+    def _decoder_in_u(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked decoders as one linear map of u: (sum n_m, size) and the bias."""
+        rows = []
+        for n, e in enumerate(self.experts):
+            W = e.dec.linear.weight  # (n_m, shared + private): columns (z, w_n)
+            full = W.new_zeros(W.shape[0], self.layout.size)
+            full[:, :self.layout.shared] = W[:, :self.layout.shared]
+            full[:, self.layout.w(n)] = W[:, self.layout.shared:]
+            rows.append(full)
+        return torch.cat(rows, 0), torch.cat([e.dec.linear.bias for e in self.experts], 0)
+
+    def exact_log_likelihood(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        """log N(x; b, W S^2 W^T + sigma^2 I), W the decoders as a map of u (block-sparse)."""
+        W, b = self._decoder_in_u()
+        s2 = self.prior_params()[1].reshape(-1) ** 2
+        cov = W @ torch.diag(s2) @ W.T + SIGMA_X**2 * torch.eye(W.shape[0], dtype=W.dtype)
+        return torch.distributions.MultivariateNormal(b, cov).log_prob(torch.cat(list(xs), -1))
+
+    @torch.no_grad()
+    def sample_data(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        return _sample(self, n, generator)
+
+    def set_exact_posterior(self) -> None:
+        """Component m's (z, w_m) <- the mean-field fit of p(z, w_m | x_m), the model of x_m
+        alone (the other w_n are r_n's, fixed)."""
+        scale = self.prior_params()[1]
+        for n, vae in enumerate(self.experts):
+            _set_exact_posterior(vae, self.layout.own(scale, n))
+
+
 def build_gaussian(cfg) -> GaussianVAE:
     require_moe(cfg)
     vae = _linear_vae("x", cfg.data_dim, cfg.latent_dim, cfg.learn_prior)
@@ -114,6 +150,16 @@ def build_gaussian_pair(cfg) -> GaussianPair:
         raise ConfigError(f"model.num_modalities={cfg.num_modalities}: gaussian_pair needs at "
                           f"least 2 (use the gaussian model for one)")
     names = [f"x{m + 1}" for m in range(cfg.num_modalities)]
+    fusion = fusion_for(cfg)
+    if fusion.private:
+        private = private_dim(cfg)
+        vaes = [_linear_vae(m, cfg.data_dim, cfg.latent_dim + private, cfg.learn_prior)
+                for m in names]
+        return with_private_latents(
+            vaes, shared=cfg.latent_dim, private=private, aux_scale=cfg.aux_scale,
+            fusion=fusion, cls=GaussianPairPlus, prior="normal", prior_scale="softplus",
+            prior_init=PRIOR_INIT, learn_prior=cfg.learn_prior,
+            llik_scaling=[cfg.llik_scaling or 1.0] + [1.0] * (len(names) - 1))
     vaes = [_linear_vae(m, cfg.data_dim, cfg.latent_dim, cfg.learn_prior) for m in names]
     return GaussianPair(vaes, latent_dim=cfg.latent_dim, prior="normal", prior_scale="softplus",
                         prior_init=PRIOR_INIT, learn_prior=cfg.learn_prior,
