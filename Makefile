@@ -17,9 +17,11 @@ install: $(STAMP)
 test: $(STAMP)
 	WANDB_MODE=disabled $(BIN)/python -m pytest -q
 
+# PRECISION=no gives the fp32 demo; auto is bf16 where the hardware runs it natively.
+PRECISION ?= auto
 demo: $(STAMP)
 	@set -e; \
-	out=$$($(BIN)/python launch/train.py --config configs/demo.yaml); run=$$(echo "$$out" | tail -n 1 | cut -d' ' -f2); \
+	out=$$($(BIN)/python launch/train.py --config configs/demo.yaml train.mixed_precision=$(PRECISION)); run=$$(echo "$$out" | tail -n 1 | cut -d' ' -f2); \
 	$(BIN)/python launch/evaluate.py --run $$run; \
 	echo "demo run: $$run  (config.yaml, metrics.jsonl, images/, model/, eval.json, report.md)"
 

@@ -54,7 +54,7 @@ def deepspeed_requested() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def make_accelerator(cfg: Config) -> Accelerator:
+def make_accelerator(cfg: Config, *, announce: bool = True) -> Accelerator:
     """CPU runs use Accelerator(cpu=True), which `accelerate launch --multi_gpu` needs to start
     several gloo processes on a machine without GPUs (ENVIRONMENT.md) -- except under DeepSpeed,
     whose plugin `cpu=True` would silently drop (DeepSpeed then runs on its CPU accelerator)."""
@@ -65,7 +65,8 @@ def make_accelerator(cfg: Config) -> Accelerator:
                           "DeepSpeed")
     use_cpu = not torch.cuda.is_available() and not deepspeed
     log_with = None if cfg.logging.wandb == "disabled" else "wandb"
-    acc = Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(cfg), log_with=log_with)
+    acc = Accelerator(cpu=use_cpu, mixed_precision=resolve_precision(cfg, announce=announce),
+                      log_with=log_with)
     if acc.state.deepspeed_plugin is not None:
         ds = acc.state.deepspeed_plugin.deepspeed_config
         # We do not `prepare` the (WebDataset) loader, so DeepSpeed cannot infer the batch size;

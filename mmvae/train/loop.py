@@ -40,6 +40,7 @@ from mmvae.train.compiled import compile_nets
 from mmvae.train.dist import (Layout, all_sum, any_rank, autocast, broadcast, make_accelerator,
                               make_layout, release)
 from mmvae.train.optim import make_optimizer
+from mmvae.train.precision import auto_message, auto_precision
 from mmvae.train.resume import find as find_resume
 from mmvae.train.resume import keep_old_metrics
 from mmvae.train.step import (ObjectiveModule, batch_inputs, batch_present, estimator_for,
@@ -205,12 +206,16 @@ def setup(cfg: Config, resume: str | None = None) -> Run:
     """Everything `fit` needs; a failed start releases the Accelerator, so that a corrected
     config can run in the same process."""
     check_model_name(cfg.model.name)
-    accelerator = make_accelerator(cfg)
+    auto = cfg.train.mixed_precision == "auto"
+    accelerator = make_accelerator(cfg, announce=False)  # said below, once the start is good
     try:
-        return _setup(cfg, accelerator, resume)
+        run = _setup(cfg, accelerator, resume)
     except BaseException:
         release(accelerator)
         raise
+    if auto:
+        info(auto_message(*auto_precision()))
+    return run
 
 
 def _setup(cfg: Config, accelerator, resume: str | None) -> Run:

@@ -43,16 +43,17 @@ def cpu_flags() -> set[str]:
     return {flag for flag, probe in probes.items() if getattr(cpu, probe, lambda: False)()}
 
 
-def resolve_precision(cfg: Config, device_type: str | None = None) -> str:
+def resolve_precision(cfg: Config, device_type: str | None = None, *, announce: bool = True) -> str:
     """cfg.train.mixed_precision with `auto` replaced by the choice -- in `cfg` too, so the run's
-    config.yaml, W&B and the benchmarks show what ran -- said in one line at start. Other values
-    are returned as they are."""
+    config.yaml, W&B and the benchmarks show what ran -- said in one line at start (unless
+    `announce` is False: the trainer says it once its start checks have passed, so that a bad
+    start stays one line). Other values are returned as they are."""
     if cfg.train.mixed_precision != "auto":
         return cfg.train.mixed_precision
     precision, reason = auto_precision(device_type)
     cfg.train.mixed_precision = precision
     # Called before the Accelerator exists, so the launcher's RANK says which process speaks.
-    if os.environ.get("RANK", "0") == "0":
+    if announce and os.environ.get("RANK", "0") == "0":
         from mmvae.log import console
 
         console.print(auto_message(precision, reason))
