@@ -45,8 +45,12 @@ def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, t
         for key in ("bound", "grad_norm"):
             if key in w:
                 assert g[key] == pytest.approx(w[key], rel=1e-5), (key, g, w)
+    # Adam's first steps move every weight by ~lr (1e-3) times g / (|g| + eps): for the few
+    # elements whose gradient is near eps, the fp32 rounding of the two layouts' sums shows up
+    # in the weight (measured: 1 of 8,192 elements off by 1.4e-5 after 3 steps, mopoe). A wrong
+    # particle or mask would move the bounds above and many weights by ~lr.
     for name, value in weights(one).items():
-        torch.testing.assert_close(weights(two)[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(weights(two)[name], value, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def omit_keys(src, dst, every: int = 3) -> int:

@@ -489,8 +489,8 @@ def test_fp16_overflow_steps_are_counted_apart_and_the_scaler_is_checkpointed(
 
     real_accelerator, real_step = loop.make_accelerator, loop.train_step
 
-    def fp16_accelerator(cfg):
-        acc = real_accelerator(cfg)
+    def fp16_accelerator(cfg, **kwargs):
+        acc = real_accelerator(cfg, **kwargs)
         acc.native_amp, acc.scaler = True, torch.amp.GradScaler("cpu", init_scale=1.0)
         return acc
 
