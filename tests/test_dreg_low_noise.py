@@ -10,7 +10,7 @@ from torch import distributions as td
 
 from mmvae import objectives as O
 from mmvae.parallel import backward_objective
-from test_fusions import pair, perturb
+from test_fusions import hand_particles, normal_log_q, pair, perturb
 from test_objectives import _flat_grad as _flat, _gradient_draws, _max_z
 
 
@@ -21,21 +21,9 @@ def _by_hand(model, xs, eps, looser, variant):
     cv   -(w_rk - beta) alpha_m(z_rk) log q_m(z_rk) [z fixed] - beta d alpha_r(z_mk)/dz . z_mk,
     swap -(1/M) d[alpha_r h_rk](z_mk)/dz . z_mk, h_rk(u) = e^l(u) / (sum_{j != k} e^l(z_rj)
          + e^l(u)), the leave-one-out sum taken directly (not from the normaliser)."""
-    posts = model.components([e.posterior(x) for e, x in zip(model.experts, xs)])
-    S, K = len(posts), eps[0].shape[0]
-    z = torch.stack([loc + scale * n for (loc, scale), n in zip(posts, eps)])  # (S, K, B, D)
-    fixed = [(loc.detach(), scale.detach()) for loc, scale in posts]
-
-    def log_q(zz, params):  # [i, j, k, b] = log q_i(z_jk)
-        return torch.stack([td.Normal(loc, scale).log_prob(zz).sum(-1) for loc, scale in params])
-
-    zd = z.detach().requires_grad_()
+    posts, S, z, zd, lq, lw = hand_particles(model, xs, eps)
+    K, log_q = eps[0].shape[0], normal_log_q
     p_loc, p_scale = model.prior_params()
-    log_joint = td.Normal(p_loc.detach(), p_scale.detach()).log_prob(zd).sum(-1)
-    for lam, e, x in zip(model.llik_scaling, model.experts, xs):
-        log_joint = log_joint + lam * td.Normal(e.decode(zd), 0.5).log_prob(x).sum(-1)
-    lq = log_q(zd, fixed)
-    lw = log_joint - (torch.logsumexp(lq, 0) - math.log(S))
     alpha = (lq - torch.logsumexp(lq, 0)).exp()
     dl_dz = torch.autograd.grad(lw.sum(), zd, retain_graph=True)[0]
     idx = torch.arange(S)

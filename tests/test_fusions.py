@@ -101,25 +101,35 @@ def test_dreg_value_is_the_iwae_value_for_every_fusion(fusion, looser):
                                O.m_iwae(model, xs, looser=looser, eps=eps))
 
 
-def _dreg_by_hand(model, xs, eps, looser):
-    """The unbiased mixture DReG surrogate written from DESIGN.md's formula, with the components
-    (subset PoEs) in the place of the experts, without the implementation's hook and fresh copy:
-    explicit dl/dz and d(alpha_r)/dz at fixed parameters, contracted with the path z(psi)."""
+def normal_log_q(zz, params):
+    """[i, j, k, b] = log q_i(z_jk) for Normal components `params` [(loc, scale)]."""
+    return torch.stack([td.Normal(loc, scale).log_prob(zz).sum(-1) for loc, scale in params])
+
+
+def hand_particles(model, xs, eps):
+    """The pieces every by-hand DReG formula starts from (Normal components, Normal likelihood
+    of scale 0.5): components `posts`, S, the path z(psi) (S, K, B, D), a leaf copy `zd` of z,
+    the components at fixed parameters, and at zd: log q matrix `lq` and log-weights `lw`."""
     posts = model.components([e.posterior(x) for e, x in zip(model.experts, xs)])
     S = len(posts)
     z = torch.stack([loc + scale * n for (loc, scale), n in zip(posts, eps)])  # (S, K, B, D)
     fixed = [(loc.detach(), scale.detach()) for loc, scale in posts]
-
-    def log_q(zz, params):  # (S_m, S_r, K, B)
-        return torch.stack([td.Normal(loc, scale).log_prob(zz).sum(-1) for loc, scale in params])
-
     zd = z.detach().requires_grad_()
     p_loc, p_scale = model.prior_params()
     log_joint = td.Normal(p_loc.detach(), p_scale.detach()).log_prob(zd).sum(-1)
     for lam, e, x in zip(model.llik_scaling, model.experts, xs):
         log_joint = log_joint + lam * td.Normal(e.decode(zd), 0.5).log_prob(x).sum(-1)
-    lq = log_q(zd, fixed)
+    lq = normal_log_q(zd, fixed)
     lw = log_joint - (torch.logsumexp(lq, 0) - math.log(S))
+    return posts, S, z, zd, lq, lw
+
+
+def _dreg_by_hand(model, xs, eps, looser):
+    """The unbiased mixture DReG surrogate written from DESIGN.md's formula, with the components
+    (subset PoEs) in the place of the experts, without the implementation's hook and fresh copy:
+    explicit dl/dz and d(alpha_r)/dz at fixed parameters, contracted with the path z(psi)."""
+    posts, S, z, zd, lq, lw = hand_particles(model, xs, eps)
+    log_q = normal_log_q
     dl_dz = torch.autograd.grad(lw.sum(), zd, retain_graph=True)[0]
     idx = torch.arange(S)
     alpha = (lq - torch.logsumexp(lq, 0)).exp()  # (S_m, S_r, K, B)
