@@ -3,7 +3,6 @@ hostile payloads refused like a bad PNG, the shard scripts' --encoding option; a
 member reader against Python's tarfile."""
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -21,6 +20,7 @@ from mmvae.data.recipes.digits import build_digits
 from mmvae.data.recipes.polydigits import build_polydigits
 from mmvae.data.samples import decode_npy_image, encode_npy_image, npy_header
 from mmvae.data.tarread import tar_members
+from test_pipeline import rewrite_member
 
 TINY = dict(sources_per_class=6, pairs_per_instance=2, train_shards=2, test_shards=2, progress=False)
 
@@ -114,22 +114,6 @@ HOSTILE = {
 }
 
 
-def _rewrite(path, fn):
-    with tarfile.open(path) as tar:
-        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
-    with tarfile.open(path, "w") as tar:
-        for member, data in members:
-            data = fn(member.name, data)
-            member.size = len(data)
-            tar.addfile(member, io.BytesIO(data))
-    manifest_path = path.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    for entry in (e for split in manifest["splits"].values() for e in split["shards"]):
-        if entry["file"] == path.name:
-            entry["bytes"], entry["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
-    manifest_path.write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_a_hostile_npy_image_is_counted_and_skipped_or_raised_in_one_line(case, digits, tmp_path, caplog,
                                                                           monkeypatch):
@@ -141,7 +125,7 @@ def test_a_hostile_npy_image_is_counted_and_skipped_or_raised_in_one_line(case, 
     shard = folder / "test-000000.tar"
     with tarfile.open(shard) as tar:
         victim = next(m.name for m in tar.getmembers() if m.name.endswith("mnist.npy"))
-    _rewrite(shard, lambda name, data: make() if name == victim else data)
+    rewrite_member(shard, lambda name, data: make() if name == victim else data)
     key = victim.split(".")[0]
     monkeypatch.chdir(tmp_path)
     total = digits["npy"][1]["splits"]["test"]["num_samples"]
