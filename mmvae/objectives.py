@@ -384,8 +384,9 @@ def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, loo
     off = ~torch.eye(M, dtype=torch.bool, device=lw.device)  # (row r or m, column: stratum)
     z_again = _reparam(model, p.posts, p.eps)  # a copy of z the hook does not scale
     log_q = log_q_matrix(model, z_again, p.posts, detach_params=True)
-    alpha_path = (log_q - torch.logsumexp(log_q, 0)).exp()  # [i, j]: alpha_i(z_jk), on the path
-    log_alpha = (log_q - torch.logsumexp(log_q, 0)).detach()
+    log_alpha_path = log_q - torch.logsumexp(log_q, 0)
+    alpha_path = log_alpha_path.exp()  # [i, j]: alpha_i(z_jk), on the path
+    log_alpha = log_alpha_path.detach()
     own = -(w * alpha_path[idx, idx]).sum((0, 1))  # as in `unbiased`
     if variant == "cv":
         beta = 1.0 / (M * reducer.count(K)) if looser else 1.0 / reducer.count(M * K)
