@@ -181,6 +181,16 @@ class MMVAEPlus(MMVAE):
                            for b in self.layout.blocks()], -1)
         return self.prior_loc, scale
 
+    def latent_mask(self, present: torch.Tensor | None) -> torch.Tensor | None:
+        """(B, size) bool: z and the w_n of the modalities `present` (B, M) bool; None without
+        a mask. An absent modality's w_n is integrated out of the bound (module docstring,
+        "Missing modalities"): its coordinates are left out of log p(u) and log q_m(u)."""
+        if present is None:
+            return None
+        z = present.new_ones(present.shape[0], self.layout.shared)
+        return torch.cat([z] + [present[:, n, None].expand(-1, self.layout.private)
+                                for n in range(self.layout.M)], -1)
+
     def shared_latent(self, u: torch.Tensor) -> torch.Tensor:
         """z out of u (..., size)."""
         return u[..., :self.layout.shared]
