@@ -27,15 +27,18 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
 * ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
   0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
 
-Missing modalities: every multimodal estimator takes ``present`` ((B, M) bool, None = all). Per
-sample it is then the estimator of the model restricted to the present modalities: the mixture
-over the components that exist for the sample (``model.component_mask``: the present experts for
-moe, the subsets of present experts for mopoe, the product of the present experts for poe), the
-likelihood terms of present modalities only, and the normalisers and counts over the sample's
-own particles. Absent modalities' tensors are placeholders that only have to be finite: what
-they contribute is selected away (``torch.where``), never multiplied by zero, so no NaN or
-gradient leaks from them. tests/test_missing.py checks value and gradient against the restricted
-model, sample by sample.
+Missing modalities: every multimodal estimator (every ``dreg`` variant) takes ``present``
+((B, M) bool, None = all). Per sample it is then the estimator of the model restricted to the
+present modalities: the mixture over the components that exist for the sample
+(``model.component_mask``: the present experts for moe and moe_plus, the subsets of present
+experts for mopoe, the product of the present experts for poe), the likelihood terms of present
+modalities only, the latent coordinates the restricted model has (``model.latent_mask``: moe_plus
+integrates an absent modality's w out, `mmvae.models.mmvae_plus`), and the normalisers, counts
+and the M of every formula over the sample's own components and particles (the cross terms of
+``cv`` / ``swap`` over pairs of present components: `_low_noise_terms`). Absent modalities'
+tensors are placeholders that only have to be finite: what they contribute is selected away
+(``torch.where``), never multiplied by zero, so no NaN or gradient leaks from them.
+tests/test_missing.py checks value and gradient against the restricted model, sample by sample.
 
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
@@ -393,6 +396,16 @@ def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, loo
     Both use only z_rk and z_mk with the same k and the global normalisers (`reducer`), so
     particle shards and K-chunks (which slice k alike in every stratum) give the one-process
     gradient.
+
+    **Missing modalities** (`p.valid`): a sample's mixture is its own S_b components, so alpha is
+    normalised over them, T_rkm exists only for r != m both in S_b (`_pairs`), and M in the
+    formulas above is S_b: beta = 1/(S_b K), the mean of that sample's w_rk (w = w~/S_b for
+    `looser`; S_b K particles share the joint softmax), and swap's 1/M is 1/S_b. Facts (1) and
+    (2) are identities about q_r, q_m and alpha within the sample's mixture, so they hold there
+    unchanged: per sample the terms are those of the model restricted to the present modalities
+    (tests/test_missing.py, value and gradient) and keep the mean of the masked IWAE gradient
+    (z-tests in tests/test_dreg_low_noise.py). An absent component's particles are still drawn
+    (tensors stay rectangular), but every term that reads them is selected away.
     """
     M, K, _ = lw.shape
     n = _n_components(p.valid, M)  # each sample's own M

@@ -1,6 +1,7 @@
 """Missing modalities through launch/train.py on tiny digits shards: data.drop_modalities on one
-process and with the K particles split over two (P=2 equals one process), and shards that really
-omit keys (manifest flag `missing_modalities`)."""
+process (moe, and moe_plus with the cv DReG) and with the K particles split over two (P=2 equals
+one process), shards that really omit keys (manifest flag `missing_modalities`), and every
+fusion and dreg variant accepted with missing modalities."""
 import hashlib
 import io
 import json
@@ -20,8 +21,8 @@ def train_bounds(run_dir):
 
 
 @pytest.mark.parametrize("fusion,variant", [("moe", "unbiased"), ("moe_plus", "cv")])
-def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, tmp_path, fusion,
-                                                                        variant):
+def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, tmp_path,
+                                                                        fusion, variant):
     common = ["objective.name=dreg", "objective.K=2", f"objective.dreg_variant={variant}"]
     for name, rate in (("full", "0"), ("drop", "0.3")):
         assert train_main(["--config", str(DEMO), *overrides(
