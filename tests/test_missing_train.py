@@ -34,14 +34,17 @@ def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, 
     assert test and test[-1]["data_errors"] == 0
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe"])
-def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, tmp_path, fusion):
+@pytest.mark.parametrize("fusion,variant", [("moe", "unbiased"), ("mopoe", "unbiased"),
+                                            ("moe_plus", "swap")])
+def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, tmp_path, fusion,
+                                                                        variant):
     # Adam's first steps move every weight by ~lr (1e-3) times g / (|g| + eps): for the few
     # elements whose gradient is near eps, the fp32 rounding of the two layouts' sums shows up
     # in the weight (measured: 1 of 8,192 elements off by 1.4e-5 after 3 steps, mopoe). A wrong
     # particle or mask would move the bounds and many weights by ~lr.
     assert_p2_equals_one_process(shards, tmp_path, fusion, "objective.name=dreg",
                                  "objective.looser=true", "objective.K=2",
+                                 f"objective.dreg_variant={variant}",
                                  "data.drop_modalities=0.3", weights_atol=1e-4)
 
 
