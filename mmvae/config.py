@@ -279,10 +279,6 @@ PERIODIC_METRICS = ("likelihood", "coherence", "subset_coherence", "subset_laten
 `mmvae.eval.metrics.METRICS`, which every process computes a share of (listed here because
 config sits below eval; tests/eval/test_metrics.py checks that the two agree)."""
 
-MASK_FUSIONS = ("moe", "mopoe", "poe")
-"""Fusions whose estimators take a per-sample presence mask (missing modalities)."""
-MASK_UNSUPPORTED_VARIANTS = ("cv", "swap")
-"""DReG variants whose extra terms do not take the presence mask yet (`m_dreg` refuses them)."""
 FUSIONS = ("moe", "mopoe", "poe", "moe_plus")
 """`model.fusion` names: the keys of `mmvae.models.fusions.FUSIONS` (listed here because config
 sits below models; tests/test_fusions.py checks that the two agree)."""
@@ -452,19 +448,12 @@ def validate(cfg: Config) -> Config:
 
 
 def check_missing_modalities(cfg: Config, missing: bool, why: str) -> None:
-    """Missing modalities (`why`: simulated, or shards that omit keys) need a fusion whose
-    estimators take the presence mask."""
+    """Settings for missing modalities (`why`: simulated, or shards that omit keys). Every
+    fusion and every objective / `dreg_variant` takes the presence mask (`mmvae.objectives`,
+    "Missing modalities"), so only the simulated rate itself can be wrong; `missing` and `why`
+    are kept for the refusals a future fusion or estimator may need."""
     if not 0 <= cfg.data.drop_modalities < 1:
         raise ConfigError(f"data.drop_modalities={cfg.data.drop_modalities} must be in [0, 1)")
-    if missing and cfg.model.fusion not in MASK_FUSIONS:
-        raise ConfigError(f"model.fusion={cfg.model.fusion} does not support missing modalities "
-                          f"({why}); use model.fusion={'|'.join(MASK_FUSIONS)} or set "
-                          f"data.drop_modalities=0 / use shards with every modality")
-    variant = cfg.objective.dreg_variant
-    if missing and cfg.objective.name == "dreg" and variant in MASK_UNSUPPORTED_VARIANTS:
-        raise ConfigError(f"objective.dreg_variant={variant} does not support missing modalities "
-                          f"({why}); use objective.dreg_variant=unbiased or set "
-                          f"data.drop_modalities=0 / use shards with every modality")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -27,15 +27,18 @@ With M = 1 this is the usual log p(x, z) - log q(z|x).
 * ``m_dreg_score_part``: the other experts' score terms of the unbiased mixture DReG alone (value
   0), for the variance decomposition of ``launch/grad_snr.py`` (docs/estimators.md).
 
-Missing modalities: every multimodal estimator takes ``present`` ((B, M) bool, None = all). Per
-sample it is then the estimator of the model restricted to the present modalities: the mixture
-over the components that exist for the sample (``model.component_mask``: the present experts for
-moe, the subsets of present experts for mopoe, the product of the present experts for poe), the
-likelihood terms of present modalities only, and the normalisers and counts over the sample's
-own particles. Absent modalities' tensors are placeholders that only have to be finite: what
-they contribute is selected away (``torch.where``), never multiplied by zero, so no NaN or
-gradient leaks from them. tests/test_missing.py checks value and gradient against the restricted
-model, sample by sample.
+Missing modalities: every multimodal estimator (every ``dreg`` variant) takes ``present``
+((B, M) bool, None = all). Per sample it is then the estimator of the model restricted to the
+present modalities: the mixture over the components that exist for the sample
+(``model.component_mask``: the present experts for moe and moe_plus, the subsets of present
+experts for mopoe, the product of the present experts for poe), the likelihood terms of present
+modalities only, the latent coordinates the restricted model has (``model.latent_mask``: moe_plus
+integrates an absent modality's w out, `mmvae.models.mmvae_plus`), and the normalisers, counts
+and the M of every formula over the sample's own components and particles (the cross terms of
+``cv`` / ``swap`` over pairs of present components: `_low_noise_terms`). Absent modalities'
+tensors are placeholders that only have to be finite: what they contribute is selected away
+(``torch.where``), never multiplied by zero, so no NaN or gradient leaks from them.
+tests/test_missing.py checks value and gradient against the restricted model, sample by sample.
 
 Particle sharding and K-chunking need the normaliser log sum_k exp l over *all* particles while a
 call only sees some of them; they pass a ``reducer`` (see `LocalReducer`) that turns the local
@@ -105,6 +108,14 @@ class Particles:
     eps: list[torch.Tensor]
     valid: torch.Tensor | None = None
     """(S, B) bool: the components each sample's mixture keeps; None = all (no mask)."""
+    dims: torch.Tensor | None = None
+    """(B, D) bool: the latent coordinates each sample's densities read (`model.latent_mask`:
+    moe_plus leaves out the w of absent modalities); None = all."""
+
+
+def _keep(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """`values` where `mask` holds, else 0 (selected, not multiplied: no NaN from the rest)."""
+    return values if mask is None else torch.where(mask, values, torch.zeros_like(values))
 
 
 def _as_list(x) -> list[torch.Tensor]:
@@ -127,14 +138,15 @@ def draw(model, xs: Sequence[torch.Tensor], K: int | None, eps=None, present=Non
         eps = model.sample_noise(K, xs[0].shape[0], device=xs[0].device)
     posts = model.components([e.posterior(x) for e, x in zip(experts, xs)], present=present)
     z = _reparam(model, posts, eps)  # (S, K, B, D)
+    dims = model.latent_mask(present)
     prior_loc, prior_scale = model.prior_params()
-    log_joint = log_sum(model.prior_family.log_prob(z, prior_loc, prior_scale))  # (S, K, B)
+    log_joint = log_sum(_keep(model.prior_family.log_prob(z, prior_loc, prior_scale), dims))
     for d, (lam, expert, x) in enumerate(zip(model.llik_scaling, experts, xs)):
         llik = expert.log_likelihood(x, z)
         if present is not None:
             llik = torch.where(present[:, d], llik, torch.zeros_like(llik))
         log_joint = log_joint + lam * llik
-    return Particles(z, posts, log_joint, eps, model.component_mask(present))
+    return Particles(z, posts, log_joint, eps, model.component_mask(present), dims)
 
 
 def _reparam(model, posts, eps) -> torch.Tensor:
@@ -142,13 +154,15 @@ def _reparam(model, posts, eps) -> torch.Tensor:
                         for family, (loc, scale), n in zip(model.component_families(), posts, eps)])
 
 
-def log_q_matrix(model, z: torch.Tensor, posts, detach_params: bool) -> torch.Tensor:
-    """log q_m(z_rk) for every component m (of the S in `posts`) and particle: (S_m, S_r, K, B)."""
+def log_q_matrix(model, z: torch.Tensor, posts, detach_params: bool,
+                 dims: torch.Tensor | None = None) -> torch.Tensor:
+    """log q_m(z_rk) for every component m (of the S in `posts`) and particle: (S_m, S_r, K, B),
+    over the latent coordinates `dims` ((B, D) bool, `Particles.dims`) only."""
     rows = []
     for family, (loc, scale) in zip(model.component_families(), posts):
         if detach_params:
             loc, scale = loc.detach(), scale.detach()
-        rows.append(log_sum(family.log_prob(z, loc, scale)))
+        rows.append(log_sum(_keep(family.log_prob(z, loc, scale), dims)))
     return torch.stack(rows)
 
 
@@ -172,7 +186,7 @@ def log_responsibilities(log_q: torch.Tensor, valid: torch.Tensor | None) -> tor
 def _log_weights(model, xs, K, eps, present) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(l(z_rk) (S, K, B) finite everywhere, the (S, B) component mask or None)."""
     p = draw(model, _as_list(xs), K, eps, present)
-    log_q = log_q_matrix(model, p.z, p.posts, detach_params=False)
+    log_q = log_q_matrix(model, p.z, p.posts, detach_params=False, dims=p.dims)
     return p.log_joint - log_mixture(log_q, p.valid), p.valid
 
 
@@ -293,13 +307,10 @@ def m_dreg(model, xs, K: int = 1, *, looser: bool = False, variant: str = "unbia
     """
     if variant not in VARIANTS:
         raise ValueError(f"dreg variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if variant in ("cv", "swap") and present is not None:
-        raise ValueError(f"dreg variant {variant!r} does not take a presence mask (missing "
-                         f"modalities); use variant 'unbiased'")
     xs = _as_list(xs)
     p = draw(model, xs, K, eps, present)
     M = p.z.shape[0]
-    log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True)  # (M_m, M_r, K, B)
+    log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True, dims=p.dims)
     lw = p.log_joint - log_mixture(log_q_fixed, p.valid)  # (M, K, B)
     value, w = _normalise(lw, looser, reducer or LocalReducer(), p.valid)
     w_soft = w * _n_components(p.valid, M) if looser else w  # the weight within its own softmax
@@ -328,7 +339,7 @@ def _mixture_terms(model, p: Particles, w: torch.Tensor, idx: torch.Tensor) -> t
     (not the hooked one), and the score terms of the other experts' densities at fixed z."""
     # alpha_r(z_rk) on the path: z rebuilt from the same noise, so its gradient bypasses the hook.
     z_again = _reparam(model, p.posts, p.eps)
-    log_q_fixed = log_q_matrix(model, z_again, p.posts, detach_params=True)
+    log_q_fixed = log_q_matrix(model, z_again, p.posts, detach_params=True, dims=p.dims)
     log_alpha = log_responsibilities(log_q_fixed, p.valid)
     alpha_term = -(w * log_alpha[idx, idx].exp()).sum((0, 1))
     return alpha_term - _score_terms(model, p, w, log_alpha.detach())
@@ -337,9 +348,16 @@ def _mixture_terms(model, p: Particles, w: torch.Tensor, idx: torch.Tensor) -> t
 def _score_terms(model, p: Particles, w: torch.Tensor, log_alpha: torch.Tensor) -> torch.Tensor:
     """sum_{m != r} sum_k w alpha_m(z_rk) log q_m(z_rk) (B,): its gradient is grad_phi_m
     log q_m at z held fixed, weighted by w alpha_m (log_alpha: (M_m, M_r, K, B), detached)."""
-    log_q_params = log_q_matrix(model, p.z.detach(), p.posts, detach_params=False)
-    off_diag = ~torch.eye(log_alpha.shape[0], dtype=torch.bool, device=w.device)  # (M_m, M_r)
-    return (w.unsqueeze(0) * log_alpha.exp() * log_q_params)[off_diag].sum((0, 1))
+    log_q_params = log_q_matrix(model, p.z.detach(), p.posts, detach_params=False, dims=p.dims)
+    pairs = _pairs(log_alpha.shape[0], p.valid, w.device)
+    return _keep(w.unsqueeze(0) * log_alpha.exp() * log_q_params, pairs).sum((0, 1, 2))
+
+
+def _pairs(M: int, valid: torch.Tensor | None, device) -> torch.Tensor:
+    """[m, r, 1, b]: m != r and both components in sample b's mixture ((M, M, 1, B) bool, or
+    (M, M, 1, 1) without a mask): the pairs whose cross terms a sample has."""
+    off = ~torch.eye(M, dtype=torch.bool, device=device)[:, :, None, None]
+    return off if valid is None else off & valid[:, None, None, :] & valid[None, :, None, :]
 
 
 def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, looser: bool,
@@ -378,19 +396,31 @@ def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, loo
     Both use only z_rk and z_mk with the same k and the global normalisers (`reducer`), so
     particle shards and K-chunks (which slice k alike in every stratum) give the one-process
     gradient.
+
+    **Missing modalities** (`p.valid`): a sample's mixture is its own S_b components, so alpha is
+    normalised over them, T_rkm exists only for r != m both in S_b (`_pairs`), and M in the
+    formulas above is S_b: beta = 1/(S_b K), the mean of that sample's w_rk (w = w~/S_b for
+    `looser`; S_b K particles share the joint softmax), and swap's 1/M is 1/S_b. Facts (1) and
+    (2) are identities about q_r, q_m and alpha within the sample's mixture, so they hold there
+    unchanged: per sample the terms are those of the model restricted to the present modalities
+    (tests/test_missing.py, value and gradient) and keep the mean of the masked IWAE gradient
+    (z-tests in tests/test_dreg_low_noise.py). An absent component's particles are still drawn
+    (tensors stay rectangular), but every term that reads them is selected away.
     """
     M, K, _ = lw.shape
+    n = _n_components(p.valid, M)  # each sample's own M
     idx = torch.arange(M, device=lw.device)
-    off = ~torch.eye(M, dtype=torch.bool, device=lw.device)  # (row r or m, column: stratum)
+    pairs = _pairs(M, p.valid, lw.device)  # [row r or m, column: stratum]
     z_again = _reparam(model, p.posts, p.eps)  # a copy of z the hook does not scale
-    log_q = log_q_matrix(model, z_again, p.posts, detach_params=True)
-    log_alpha_path = log_q - torch.logsumexp(log_q, 0)
+    log_q = log_q_matrix(model, z_again, p.posts, detach_params=True, dims=p.dims)
+    log_alpha_path = log_responsibilities(log_q, p.valid)
     alpha_path = log_alpha_path.exp()  # [i, j]: alpha_i(z_jk), on the path
     log_alpha = log_alpha_path.detach()
     own = -(w * alpha_path[idx, idx]).sum((0, 1))  # as in `unbiased`
     if variant == "cv":
-        beta = 1.0 / (M * reducer.count(K)) if looser else 1.0 / reducer.count(M * K)
-        moved = -beta * alpha_path[off].sum((0, 1))  # [r, m]: alpha_r at z_mk
+        # 1/(M K) per sample: the mean of its w_rk over its own n K particles
+        beta = (1.0 / (M * reducer.count(K)) if looser else 1.0 / reducer.count(M * K)) * (M / n)
+        moved = -(beta * _keep(alpha_path, pairs).sum((0, 1, 2)))  # [r, m]: alpha_r at z_mk
         return torch.zeros_like(w), own + moved - _score_terms(model, p, w - beta, log_alpha)
     if not looser:
         raise ValueError("dreg variant 'swap' needs the looser (stratified) bound; "
@@ -401,10 +431,10 @@ def _low_noise_terms(model, p: Particles, lw: torch.Tensor, w: torch.Tensor, loo
     log_a = lse[:, None] + torch.log(-torch.expm1(log_w_soft))  # log A_rk (-inf if w~_rk = 1)
     log_n = torch.logaddexp(log_a[:, None], lw[None])  # [r, m, k, b]: log(A_rk + e^l(z_mk))
     h = (lw[None] - log_n).exp()  # h_rk(z_mk)
-    moved = -(h * alpha_path)[off].sum((0, 1)) / M
+    moved = -_keep(h * alpha_path, pairs).sum((0, 1, 2)) / n
     # alpha_r h (1 - h) / w~_mk at z_mk, summed over r != m: the grad-l coefficient over w_mk
     log_c = log_alpha + (log_a[:, None] - log_n) + (lse[None, :, None] - log_n)
-    extra = -(log_c.clamp(max=700).exp() * off[:, :, None, None]).sum(0)
+    extra = -_keep(log_c.clamp(max=700).exp(), pairs).sum(0)
     return extra, own + moved
 
 
@@ -417,7 +447,7 @@ def m_dreg_score_part(model, xs, K: int = 1, *, looser: bool = False, eps=None,
     decomposition of `mmvae.eval.gradsnr`; with M = 1 it is zero."""
     xs = _as_list(xs)
     p = draw(model, xs, K, eps, present)
-    log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True)
+    log_q_fixed = log_q_matrix(model, p.z, p.posts, detach_params=True, dims=p.dims)
     lw = p.log_joint - log_mixture(log_q_fixed, p.valid)
     _, w = _normalise(lw, looser, reducer or LocalReducer(), p.valid)
     log_alpha = log_responsibilities(log_q_fixed, p.valid).detach()
@@ -449,11 +479,6 @@ def elbo(model, x, K: int = 1, *, eps=None) -> torch.Tensor:
 def m_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
     """The multimodal ELBO of the model's fusion (`ELBOS`), shape (B,)."""
     return ELBOS[model.fusion.name](model, xs, eps=eps, present=present)
-
-
-def _keep(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """`values` where `mask` holds, else 0 (selected, not multiplied: no NaN from the rest)."""
-    return values if mask is None else torch.where(mask, values, torch.zeros_like(values))
 
 
 def moe_elbo(model, xs, K: int = 1, *, eps=None, present=None) -> torch.Tensor:
@@ -502,7 +527,8 @@ def _subset_elbos(model, xs, subsets, noise, own_only: bool, present=None) -> to
     z = torch.stack([f.reparam(loc, scale, n[0])
                      for f, (loc, scale), n in zip(families, comps, noise)])  # (S, B, D)
     prior_loc, prior_scale = model.prior_params()
-    rows = [-log_sum(kl(f, loc, scale, model.prior_family, prior_loc, prior_scale))
+    dims = model.latent_mask(present)  # moe_plus: no KL for an absent modality's w
+    rows = [-log_sum(_keep(kl(f, loc, scale, model.prior_family, prior_loc, prior_scale), dims))
             for f, (loc, scale) in zip(families, comps)]  # per subset (B,)
     for d, (lam, expert, x) in enumerate(zip(model.llik_scaling, model.experts, xs)):
         scored = [i for i, s in enumerate(subsets) if d in s or not own_only]

@@ -1,6 +1,9 @@
 """Missing modalities in the estimators: with a (B, M) presence mask, every fusion and objective
-is, sample by sample, the full-data objective of the model restricted to the present modalities
-(value and gradient, fp64), and k-chunks / particle shards give the same with masks."""
+(every DReG variant) is, sample by sample, the full-data objective of the model restricted to the
+present modalities (value and gradient, fp64), and k-chunks / particle shards give the same with
+masks. For moe_plus the restricted model is MMVAE+ over the present modalities: an absent
+modality's w is integrated out (mmvae.models.mmvae_plus, "Missing modalities")."""
+import copy
 import math
 
 import pytest
@@ -9,6 +12,8 @@ import torch
 import mmvae
 from mmvae import objectives as O
 from mmvae.models.mmvae import MMVAE
+from mmvae.models.mmvae_plus import with_private_latents
+from mmvae.models.vae import VAE
 from mmvae.parallel import backward_objective, normalisers, shard_noise
 from test_objectives import _flat_grad
 
@@ -16,7 +21,9 @@ from test_objectives import _flat_grad
 MASK = torch.tensor([[1, 1, 1], [1, 0, 1], [0, 1, 0], [0, 0, 1], [1, 1, 0]], dtype=torch.bool)
 OBJECTIVES = [("elbo", False, "unbiased"), ("iwae", False, "unbiased"), ("iwae", True, "unbiased"),
               ("dreg", False, "unbiased"), ("dreg", True, "unbiased"), ("dreg", False, "paper"),
-              ("dreg", True, "paper"), ("dreg", False, "stl")]
+              ("dreg", True, "paper"), ("dreg", False, "stl"), ("dreg", False, "cv"),
+              ("dreg", True, "cv"), ("dreg", True, "swap")]
+FUSIONS = ["moe", "mopoe", "poe", "moe_plus"]
 
 
 def pair(fusion, M=3, seed=0):
@@ -32,7 +39,18 @@ def pair(fusion, M=3, seed=0):
     return model
 
 
-def restricted(model, keep: list[int]) -> MMVAE:
+def restricted(model, keep: list[int]):
+    """The model over the modalities `keep` only, how to give it `model`'s noise of a sample
+    (eps -> its eps) and how to read its gradient in `model`'s parameters (value -> flat)."""
+    if model.fusion.private:
+        return restricted_plus(model, keep)
+    sub = restricted_shared(model, keep)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return (sub, lambda eps: [eps[j] for j in component_map(model, keep)],
+            lambda value: _flat_grad(value, params))
+
+
+def restricted_shared(model, keep: list[int]) -> MMVAE:
     """The model over the modalities `keep` only, sharing every parameter with `model`."""
     sub = MMVAE([model.vaes[i] for i in keep], latent_dim=model.latent_dim, prior="normal",
                 prior_scale="softplus", learn_prior=True,
@@ -41,6 +59,52 @@ def restricted(model, keep: list[int]) -> MMVAE:
     for vae in sub.vaes:
         vae.prior_raw = model.prior_raw
     return sub
+
+
+def restricted_plus(model, keep: list[int]):
+    """MMVAE+ over `keep` (u = (z, w_keep)): copies of those experts re-laid out, the prior the
+    (z, w_keep) blocks of `model`'s. Its gradient is read back into `model`'s parameters: the
+    copies' into their originals, the prior's into its blocks, zero for everything else."""
+    vaes = []
+    for i in keep:
+        vae = copy.deepcopy(model.vaes[i])
+        vae.__class__, vae.latent_dim = VAE, model.shared_dim + model.private_dim
+        vaes.append(vae)
+    sub = with_private_latents(vaes, shared=model.shared_dim, private=model.private_dim,
+                               aux_scale=model.experts[0].aux_scale, fusion=model.fusion,
+                               prior="normal", prior_scale="softplus", learn_prior=True,
+                               llik_scaling=[model.llik_scaling[i] for i in keep]
+                               ).to(model.prior_raw.dtype)
+    cols = torch.cat([torch.arange(model.shared_dim)] + [
+        torch.arange(model.layout.w(i).start, model.layout.w(i).stop) for i in keep])
+    with torch.no_grad():
+        sub.prior_raw.copy_(model.prior_raw[:, cols])
+    names = {f"vaes.{j}.{rest}": f"vaes.{i}.{rest}" for j, i in enumerate(keep)
+             for rest, _ in model.vaes[i].named_parameters() if rest != "prior_raw"}
+    names["prior_raw"] = "prior_raw"
+    sub_params = dict(sub.named_parameters())
+
+    def grad_of(value):
+        got = dict(zip(names, _flat_grad_list(value, [sub_params[n] for n in names])))
+        back = {full: got[mine] for mine, full in names.items()}
+        flat = []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            g = torch.zeros_like(param)
+            if name == "prior_raw":
+                g[:, cols] = back[name]
+            elif name in back:
+                g = back[name]
+            flat.append(g.reshape(-1))
+        return torch.cat(flat)
+
+    return sub, lambda eps: [eps[i][..., cols] for i in keep], grad_of
+
+
+def _flat_grad_list(value, params):
+    grads = torch.autograd.grad(value.sum(), params, allow_unused=True)
+    return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
 
 
 def component_map(model, keep: list[int]) -> list[int]:
@@ -55,19 +119,18 @@ def component_map(model, keep: list[int]) -> list[int]:
 
 def per_sample_reference(model, estimator, xs, eps, K):
     """The restricted model's value and gradient for each sample alone."""
-    params = [p for p in model.parameters() if p.requires_grad]
     values, grads = [], []
     for b, row in enumerate(MASK):
         keep = [m for m in range(len(xs)) if row[m]]
-        sub, comps = restricted(model, keep), component_map(model, keep)
+        sub, noise, grad_of = restricted(model, keep)
         out = estimator(sub, [xs[m][b:b + 1] for m in keep], K,
-                        eps=[eps[j][:, b:b + 1] for j in comps])
+                        eps=noise([e[:, b:b + 1] for e in eps]))
         values.append(out.detach())
-        grads.append(_flat_grad(out, params))
+        grads.append(grad_of(out))
     return torch.cat(values), grads
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe"])
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("name,looser,variant", OBJECTIVES)
 def test_masked_objective_equals_the_present_subsets_objective_per_sample(fusion, name, looser,
                                                                           variant):
@@ -88,25 +151,30 @@ def test_masked_objective_equals_the_present_subsets_objective_per_sample(fusion
         assert grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe"])
-def test_an_absent_modality_gets_no_gradient_and_its_placeholder_does_not_matter(fusion):
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("variant", ["unbiased", "cv", "swap"])
+def test_an_absent_modality_gets_no_gradient_and_its_placeholder_does_not_matter(fusion, variant):
     """Sample 3 has only x3: nothing of experts 1 and 2 moves for it, and garbage (large values)
-    in their placeholders changes neither its value nor its gradient."""
+    in their placeholders changes neither its value nor its gradient (nor NaN leaks into it)."""
     model = pair(fusion)
     xs = [x.double() for x in model.sample_data(len(MASK))]
     eps = [e.double() for e in model.sample_noise(4, len(MASK))]
-    estimator = O.select("dreg", True)
+    estimator = O.select("dreg", True, looser=True, variant=variant)
     params = [p for e in model.experts[:2] for net in (e.enc, e.dec) for p in net.parameters()]
+    mine = [p for p in model.experts[2].parameters() if p.requires_grad]
     out = estimator(model, xs, 4, eps=eps, present=MASK)
     assert torch.equal(_flat_grad(out[3], params, retain=True), torch.zeros(sum(p.numel() for p in params),
                                                                              dtype=torch.float64))
+    grad = _flat_grad(out[3], mine, retain=True)
     noisy = [x.clone() for x in xs]
     noisy[0][3], noisy[1][3] = 1e3, -1e3
     again = estimator(model, noisy, 4, eps=eps, present=MASK)
     torch.testing.assert_close(again.detach()[3], out.detach()[3], rtol=1e-12, atol=0)
+    torch.testing.assert_close(_flat_grad(again[3], mine, retain=True), grad, rtol=1e-12, atol=0)
+    assert grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe"])
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("name", ["elbo", "iwae", "dreg"])
 def test_an_all_present_mask_is_the_unmasked_objective(fusion, name):
     model = pair(fusion)
@@ -128,14 +196,18 @@ def _backward(model, estimator, xs, eps, looser, k_chunk, present):
     return value, [p.grad.clone() for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe"])
-@pytest.mark.parametrize("name", ["iwae", "dreg"])
-@pytest.mark.parametrize("looser", [False, True])
-def test_k_chunks_with_a_mask_give_the_unchunked_value_and_gradient(fusion, name, looser):
+ESTIMATORS = [("iwae", False, "unbiased"), ("iwae", True, "unbiased"), ("dreg", False, "unbiased"),
+              ("dreg", True, "unbiased"), ("dreg", False, "cv"), ("dreg", True, "cv"),
+              ("dreg", True, "swap")]
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("name,looser,variant", ESTIMATORS)
+def test_k_chunks_with_a_mask_give_the_unchunked_value_and_gradient(fusion, name, looser, variant):
     model = pair(fusion)
     xs = [x.double() for x in model.sample_data(len(MASK))]
     eps = [e.double() for e in model.sample_noise(6, len(MASK))]
-    estimator = O.select(name, True, looser=looser)
+    estimator = O.select(name, True, looser=looser, variant=variant)
     v_full, g_full = _backward(model, estimator, xs, eps, looser, 0, MASK)
     v_chunk, g_chunk = _backward(model, estimator, xs, eps, looser, 4, MASK)  # 4 + 2
     torch.testing.assert_close(v_chunk, v_full)
@@ -143,9 +215,10 @@ def test_k_chunks_with_a_mask_give_the_unchunked_value_and_gradient(fusion, name
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe"])
-@pytest.mark.parametrize("looser", [False, True])
-def test_particle_shards_with_a_mask_sum_to_the_one_process_gradient(fusion, looser):
+@pytest.mark.parametrize("fusion", ["moe", "mopoe", "moe_plus"])
+@pytest.mark.parametrize("looser,variant", [(False, "unbiased"), (True, "unbiased"),
+                                            (False, "cv"), (True, "cv"), (True, "swap")])
+def test_particle_shards_with_a_mask_sum_to_the_one_process_gradient(fusion, looser, variant):
     """P = 2 shards of the K particles, each with the group's normaliser (what GroupReducer's
     all-reduce gives; here from pass 1 over the union): their values agree with one process and
     their gradients sum to its gradient, masks included (a stratum absent from a sample has
@@ -153,7 +226,7 @@ def test_particle_shards_with_a_mask_sum_to_the_one_process_gradient(fusion, loo
     model = pair(fusion)
     xs = [x.double() for x in model.sample_data(len(MASK))]
     eps = [e.double() for e in model.sample_noise(6, len(MASK))]
-    estimator = O.select("dreg", True, looser=looser)
+    estimator = O.select("dreg", True, looser=looser, variant=variant)
     v_one, g_one = _backward(model, estimator, xs, eps, looser, 0, MASK)
     group = normalisers(model, xs, eps, looser=looser, k_chunk=6, reducer=O.LocalReducer(),
                         present=MASK)

@@ -1,17 +1,17 @@
 """Missing modalities through launch/train.py on tiny digits shards: data.drop_modalities on one
-process and with the K particles split over two (P=2 equals one process), and shards that really
-omit keys (manifest flag `missing_modalities`)."""
+process (moe, and moe_plus with the cv DReG) and with the K particles split over two (P=2 equals
+one process), shards that really omit keys (manifest flag `missing_modalities`), and every
+fusion and dreg variant accepted with missing modalities."""
 import hashlib
 import io
 import json
 import shutil
 import tarfile
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mmvae.config import ConfigError, check_missing_modalities
+from mmvae.config import check_missing_modalities, load_config
 from test_fusions_train import assert_p2_equals_one_process, overrides
 from test_resume import DEMO, events, train_main
 
@@ -20,11 +20,13 @@ def train_bounds(run_dir):
     return [e["bound"] for e in events(run_dir) if e["split"] == "train"]
 
 
-def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, tmp_path):
-    common = ["objective.name=dreg", "objective.K=2"]
+@pytest.mark.parametrize("fusion,variant", [("moe", "unbiased"), ("moe_plus", "cv")])
+def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, tmp_path,
+                                                                        fusion, variant):
+    common = ["objective.name=dreg", "objective.K=2", f"objective.dreg_variant={variant}"]
     for name, rate in (("full", "0"), ("drop", "0.3")):
         assert train_main(["--config", str(DEMO), *overrides(
-            shards, tmp_path / name, "moe", *common, f"data.drop_modalities={rate}")]) == 0
+            shards, tmp_path / name, fusion, *common, f"data.drop_modalities={rate}")]) == 0
     full, drop = train_bounds(tmp_path / "full"), train_bounds(tmp_path / "drop")
     assert len(drop) == 3 and all(torch.isfinite(torch.tensor(drop)))
     assert drop != full  # the same batches and noise: only the mask differs
@@ -32,14 +34,17 @@ def test_drop_modalities_trains_on_one_process_and_changes_what_is_seen(shards, 
     assert test and test[-1]["data_errors"] == 0
 
 
-@pytest.mark.parametrize("fusion", ["moe", "mopoe"])
-def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, tmp_path, fusion):
+@pytest.mark.parametrize("fusion,variant", [("moe", "unbiased"), ("mopoe", "unbiased"),
+                                            ("moe_plus", "swap")])
+def test_two_particle_shards_with_dropped_modalities_equal_one_process(shards, tmp_path, fusion,
+                                                                        variant):
     # Adam's first steps move every weight by ~lr (1e-3) times g / (|g| + eps): for the few
     # elements whose gradient is near eps, the fp32 rounding of the two layouts' sums shows up
     # in the weight (measured: 1 of 8,192 elements off by 1.4e-5 after 3 steps, mopoe). A wrong
     # particle or mask would move the bounds and many weights by ~lr.
     assert_p2_equals_one_process(shards, tmp_path, fusion, "objective.name=dreg",
                                  "objective.looser=true", "objective.K=2",
+                                 f"objective.dreg_variant={variant}",
                                  "data.drop_modalities=0.3", weights_atol=1e-4)
 
 
@@ -82,29 +87,15 @@ def test_shards_that_omit_keys_train_with_the_mask(shards, tmp_path, fusion, obj
     assert [e for e in seen if e["split"] == "test"][-1]["data_errors"] == 0
 
 
-def test_a_fusion_without_mask_support_is_a_one_line_config_error():
-    cfg = SimpleNamespace(model=SimpleNamespace(fusion="moe_plus"),
-                          data=SimpleNamespace(drop_modalities=0.3),
-                          objective=SimpleNamespace(name="dreg", dreg_variant="unbiased"))
-    with pytest.raises(ConfigError, match=r"model.fusion=moe_plus does not support missing "
-                                          r"modalities \(data.drop_modalities\); use "
-                                          r"model.fusion=moe\|mopoe\|poe"):
-        check_missing_modalities(cfg, True, "data.drop_modalities")
-    check_missing_modalities(cfg, False, "data.drop_modalities")  # nothing missing: fine
-
-
-@pytest.mark.parametrize("variant", ["cv", "swap"])
-def test_a_dreg_variant_without_mask_support_is_a_one_line_config_error(variant):
-    cfg = SimpleNamespace(model=SimpleNamespace(fusion="moe"),
-                          data=SimpleNamespace(drop_modalities=0.3),
-                          objective=SimpleNamespace(name="dreg", dreg_variant=variant))
-    with pytest.raises(ConfigError, match=rf"objective.dreg_variant={variant} does not support "
-                                          r"missing modalities \(data.drop_modalities\); use "
-                                          r"objective.dreg_variant=unbiased"):
-        check_missing_modalities(cfg, True, "data.drop_modalities")
-    check_missing_modalities(cfg, False, "data.drop_modalities")
-    cfg.objective.name = "iwae"  # the variant only matters to dreg
-    check_missing_modalities(cfg, True, "data.drop_modalities")
+@pytest.mark.parametrize("fusion", ["moe", "mopoe", "poe", "moe_plus"])
+@pytest.mark.parametrize("variant", ["unbiased", "paper", "stl", "cv", "swap"])
+def test_every_fusion_and_dreg_variant_loads_with_dropped_modalities(fusion, variant):
+    looser = "true" if variant == "swap" else "false"
+    cfg = load_config(None, [f"model.fusion={fusion}", "objective.name=dreg",
+                             f"objective.dreg_variant={variant}", f"objective.looser={looser}",
+                             "data.drop_modalities=0.3"])
+    check_missing_modalities(cfg, True, "the shards' manifest says samples may omit modalities")
+    assert (cfg.model.fusion, cfg.objective.dreg_variant) == (fusion, variant)
 
 
 def test_drop_modalities_out_of_range_or_on_one_modality_is_exit_2(shards, tmp_path, capsys):

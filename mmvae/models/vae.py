@@ -74,6 +74,12 @@ class LatentModel(nn.Module):
     def component_families(self, subsets=None) -> list[Family]:
         return [e.posterior_family for e in self.experts]
 
+    def latent_mask(self, present):
+        """(B, D) bool: the latent coordinates a sample's bound reads given the modalities
+        `present` (B, M) bool; None when it reads them all (MMVAE+ overrides: an absent
+        modality's private latent is integrated out)."""
+        return None
+
     @torch.no_grad()
     def generate(self, n: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """Decoder means of n prior samples, one tensor per modality."""
