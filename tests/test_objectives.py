@@ -175,11 +175,12 @@ def _batched_draws(model, estimators, xs, eps_list, present=None):
             leaves = [t for _, keep in calls for t in keep]
             grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
             per_expert = [torch.zeros(n, B, j.shape[1], dtype=j.dtype) for j in jac]
-            it = iter(grads)
-            for m, keep in calls:
+            at = 0
+            for m, keep in calls:  # an encoder may be called more than once: sum its calls
                 flat = [(g if g is not None else torch.zeros_like(t)).reshape(n, B, -1)
-                        for g, t in zip((next(it) for _ in keep), keep)]
+                        for g, t in zip(grads[at:at + len(keep)], keep)]
                 per_expert[m] += torch.cat(flat, -1).to(per_expert[m].dtype)
+                at += len(keep)
             draws[key] = torch.cat([torch.einsum("nbo,bop->np", g, j)
                                     for g, j in zip(per_expert, jac)], 1)
     finally:
