@@ -116,7 +116,7 @@ def _leaves(out, keep):
     """`out` (a tensor or a tuple/list of them) with each tensor cut off its graph as a new
     leaf, appended to `keep`: the encoder's parameters drop out of the estimator's graph."""
     if torch.is_tensor(out):
-        leaf = out.detach().requires_grad_(out.requires_grad)
+        leaf = out.detach().requires_grad_()
         keep.append(leaf)
         return leaf
     return type(out)(_leaves(o, keep) for o in out)
@@ -160,6 +160,8 @@ def _batched_draws(model, estimators, xs, eps_list, present=None):
     def capture(m):
         def hook(module, inputs, out):
             assert torch.equal(inputs[0], big_xs[m]), "an encoder saw other than the batch"
+            if not torch.is_grad_enabled():
+                return None  # a call off the graph (no_grad) gives the parameters nothing
             keep = []
             out = _leaves(out, keep)
             calls.append((m, keep))
