@@ -9,10 +9,12 @@ import pytest
 import torch
 from torch import distributions as td
 
+import mmvae
 from mmvae import objectives as O
 from mmvae.parallel import backward_objective
 from test_fusions import hand_particles, normal_log_q, pair, perturb
-from test_objectives import _flat_grad as _flat, _gradient_draws, _max_z
+from test_objectives import (_batched_draws, _flat_grad as _flat, _gradient_draws, _loop_draws,
+                             _max_z)
 
 
 def _by_hand(model, xs, eps, looser, variant):
@@ -132,15 +134,60 @@ def test_variant_with_missing_modalities_is_unbiased_for_the_masked_iwae_gradien
     present = torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)
     xs = [torch.where(present[:, m, None], x.double(), torch.zeros_like(x.double()))
           for m, x in enumerate(model.sample_data(2))]
-    est = {v: (lambda m, xs, eps, v=v: O.m_dreg(m, xs, looser=looser, variant=v, eps=eps,
-                                                  present=present))
+    est = {v: (lambda m, xs, eps, present, v=v: O.m_dreg(m, xs, looser=looser, variant=v,
+                                                           eps=eps, present=present))
            for v in ("stl", variant)}
-    est["iwae"] = lambda m, xs, eps: O.m_iwae(m, xs, looser=looser, eps=eps, present=present)
-    g = _gradient_draws(model, est, xs, K=4, n=1000)
+    est["iwae"] = lambda m, xs, eps, present: O.m_iwae(m, xs, looser=looser, eps=eps,
+                                                        present=present)
+    g = _gradient_draws(model, est, xs, K=4, n=1000, present=present)
     print(f"{fusion} looser={looser} {variant} with a mask: max z "
           f"{_max_z(g[variant] - g['iwae']):.2f}, stl {_max_z(g['stl'] - g['iwae']):.2f}")
     assert _max_z(g[variant] - g["iwae"]) < 4.5
     assert _max_z(g["stl"] - g["iwae"]) > 6
+
+
+BATCHED = [("gaussian", 1, False, ("unbiased", "stl"), False),
+           ("moe", 2, False, ("unbiased", "stl", "cv"), False),
+           ("moe", 2, True, ("paper", "swap"), False),
+           ("mopoe", 3, False, ("unbiased", "stl", "cv"), False),
+           ("mopoe", 3, True, ("unbiased", "swap"), False),
+           ("poe", 3, False, ("unbiased", "stl"), False),
+           ("moe_plus", 3, True, ("unbiased", "stl", "swap"), False),
+           ("moe", 3, False, ("stl", "cv"), True), ("moe", 3, True, ("unbiased", "swap"), True),
+           ("mopoe", 3, True, ("unbiased", "cv"), True), ("poe", 3, False, ("unbiased",), True),
+           ("moe_plus", 3, False, ("stl", "cv"), True), ("moe_plus", 3, True, ("swap",), True)]
+
+
+@pytest.mark.parametrize("fusion,M,looser,variants,masked", BATCHED)
+def test_batched_draws_equal_one_backward_per_draw_in_fp64(fusion, M, looser, variants, masked):
+    """The z-tests' draws (`_gradient_draws`: the samples replicated per draw, one backward to
+    the encoder outputs, then the encoders' Jacobian) are, draw by draw, the encoder gradients
+    of a separate forward and backward per draw on the same noise, for every estimator family;
+    with a mask, a fixed pair of samples, each lacking a modality."""
+    if fusion == "gaussian":
+        torch.manual_seed(0)
+        model = mmvae.build_model("gaussian", latent_dim=2, data_dim=3)
+        model.set_exact_posterior()
+    else:
+        model = pair(fusion, M=M)
+    model = model.double()
+    perturb(model)
+    B, kw = (2, {"present": torch.tensor([[1, 0, 1], [0, 1, 1]], dtype=torch.bool)}) if masked \
+        else (1, {})
+    data = model.sample_data(B)
+    xs = [x.double() for x in (data if isinstance(data, list) else [data])]
+    if masked:
+        xs = [torch.where(kw["present"][:, m, None], x, torch.zeros_like(x))
+              for m, x in enumerate(xs)]
+    est = {v: (lambda m, xs, eps, v=v, **kw: O.m_dreg(m, xs, looser=looser, variant=v, eps=eps,
+                                                      **kw)) for v in variants}
+    est["iwae"] = lambda m, xs, eps, **kw: O.m_iwae(m, xs, looser=looser, eps=eps, **kw)
+    eps_list = [[e.double() for e in model.sample_noise(4, B)] for _ in range(3)]
+    want = _loop_draws(model, est, xs, eps_list, **kw)
+    got = _batched_draws(model, est, xs, eps_list, **kw)
+    for key in est:
+        assert not torch.allclose(want[key][0], want[key][1])  # the draws differ
+        torch.testing.assert_close(got[key], want[key], rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("fusion,M,looser,variant", CASES)

@@ -104,14 +104,98 @@ def test_dreg_encoder_gradient_is_the_doubly_reparameterised_one(gaussian):
     assert not torch.allclose(got, stl, rtol=1e-3, atol=1e-5)
 
 
-def _gradient_draws(model, estimators, xs, K, n):
+def _loop_draws(model, estimators, xs, eps_list, **kw):
+    """The reference: one forward and backward per draw and estimator (slow: n x len(estimators)
+    passes at batch B); `eps_list` holds each draw's noise."""
     params = _encoder_params(model)
-    draws = {k: [] for k in estimators}
-    for _ in range(n):
-        eps = model.sample_noise(K, xs[0].shape[0])
+    return {key: torch.stack([_flat_grad(fn(model, xs, eps, **kw), params) for eps in eps_list])
+            for key, fn in estimators.items()}
+
+
+def _leaves(out, keep):
+    """`out` (a tensor or a tuple/list of them) with each tensor cut off its graph as a new
+    leaf, appended to `keep`: the encoder's parameters drop out of the estimator's graph."""
+    if torch.is_tensor(out):
+        leaf = out.detach().requires_grad_()
+        keep.append(leaf)
+        return leaf
+    return type(out)(_leaves(o, keep) for o in out)
+
+
+def _tensors(out):
+    """The tensors of an encoder's output, in the order `_leaves` visits them."""
+    return [out] if torch.is_tensor(out) else [t for o in out for t in _tensors(o)]
+
+
+def _encoder_jacobians(model, xs):
+    """Per expert m: (B, O_m, P_m), d enc_m(x_i) (outputs flattened) / d
+    enc_m's parameters at each sample i of `xs` (O_m backward passes: a few latent sizes)."""
+    jac = []
+    for e, x in zip(model.experts, xs):
+        params = list(e.enc.parameters())
+        rows = []
+        for i in range(x.shape[0]):
+            flat = torch.cat([o.reshape(-1) for o in _tensors(e.enc(x[i:i + 1]))])
+            rows.append(torch.stack([_flat_grad(o, params, retain=True) for o in flat]))
+        jac.append(torch.stack(rows))
+    return jac
+
+
+def _batched_draws(model, estimators, xs, eps_list, present=None):
+    """`_loop_draws` in one pass per estimator: the B samples replicated once per draw along
+    the batch (draw-major), each copy with its own draw's noise. The estimators are per sample
+    (their normalisers and DReG's hooks on z act within a sample), so one backward of the
+    summed value to the encoders' *outputs* (cut off as leaves by forward hooks) gives every
+    draw's output gradient g_b; the encoders see the same x in every copy, so the parameter
+    gradient of draw b is g_b @ J with J (`_encoder_jacobians`) computed once. Exact only for
+    encoder parameters (the set `_encoder_params` tests) whose sole path is enc(x); the hooks
+    check that every call sees the replicated batch. `test_batched_draws_equal_...` pins it."""
+    n, B = len(eps_list), xs[0].shape[0]
+    big_xs = [x.repeat(n, *([1] * (x.dim() - 1))) for x in xs]
+    eps = [torch.cat(parts, 1) for parts in zip(*eps_list)]  # (K, n B, D), draw-major
+    kw = {} if present is None else {"present": present.repeat(n, 1)}
+    jac = _encoder_jacobians(model, xs)
+    calls = []
+
+    def capture(m):
+        def hook(module, inputs, out):
+            assert torch.equal(inputs[0], big_xs[m]), "an encoder saw other than the batch"
+            if not torch.is_grad_enabled():
+                return None  # a call off the graph (no_grad) gives the parameters nothing
+            keep = []
+            out = _leaves(out, keep)
+            calls.append((m, keep))
+            return out
+        return hook
+
+    handles = [e.enc.register_forward_hook(capture(m)) for m, e in enumerate(model.experts)]
+    draws = {}
+    try:
         for key, fn in estimators.items():
-            draws[key].append(_flat_grad(fn(model, xs, eps), params))
-    return {k: torch.stack(v) for k, v in draws.items()}
+            calls.clear()
+            value = fn(model, big_xs, eps, **kw)
+            leaves = [t for _, keep in calls for t in keep]
+            grads = torch.autograd.grad(value.sum(), leaves, allow_unused=True)
+            per_expert = [torch.zeros(n, B, j.shape[1], dtype=j.dtype) for j in jac]
+            at = 0
+            for m, keep in calls:  # an encoder may be called more than once: sum its calls
+                flat = [(g if g is not None else torch.zeros_like(t)).reshape(n, B, -1)
+                        for g, t in zip(grads[at:at + len(keep)], keep)]
+                per_expert[m] += torch.cat(flat, -1).to(per_expert[m].dtype)
+                at += len(keep)
+            draws[key] = torch.cat([torch.einsum("nbo,bop->np", g, j)
+                                    for g, j in zip(per_expert, jac)], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return draws
+
+
+def _gradient_draws(model, estimators, xs, K, n, present=None):
+    """n paired draws of each estimator's encoder gradient (n, P) on the samples `xs` (one, or a
+    fixed tiny batch whose gradient sums over it), every estimator on the same noise per draw."""
+    eps_list = [model.sample_noise(K, xs[0].shape[0]) for _ in range(n)]
+    return _batched_draws(model, estimators, xs, eps_list, present)
 
 
 def _max_z(diff):
