@@ -443,17 +443,11 @@ def validate(cfg: Config) -> Config:
     if cfg.objective.name == "elbo" and (P > 1 or cfg.objective.k_chunk):
         raise ConfigError("objective.name=elbo uses one particle: set parallel.particle_shards=1 "
                           "and objective.k_chunk=0, or use iwae/dreg")
-    check_missing_modalities(cfg, cfg.data.drop_modalities > 0, "data.drop_modalities")
-    return cfg
-
-
-def check_missing_modalities(cfg: Config, missing: bool, why: str) -> None:
-    """Settings for missing modalities (`why`: simulated, or shards that omit keys). Every
-    fusion and every objective / `dreg_variant` takes the presence mask (`mmvae.objectives`,
-    "Missing modalities"), so only the simulated rate itself can be wrong; `missing` and `why`
-    are kept for the refusals a future fusion or estimator may need."""
     if not 0 <= cfg.data.drop_modalities < 1:
+        # every fusion and objective takes the presence mask (`mmvae.objectives`, "Missing
+        # modalities"): the simulated rate is the only setting that can be wrong
         raise ConfigError(f"data.drop_modalities={cfg.data.drop_modalities} must be in [0, 1)")
+    return cfg
 
 
 def to_dict(cfg: Config) -> dict:

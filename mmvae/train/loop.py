@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mmvae.config import Config, ConfigError, check_missing_modalities, save_config, to_dict
+from mmvae.config import Config, ConfigError, save_config, to_dict
 from mmvae.data import make_loader
 from mmvae.data.builtin import ensure_builtin
 from mmvae.data.checks import check_shards
@@ -403,8 +403,6 @@ def _loader(run: Run, split: str, train: bool):
                          shuffle_buffer=cfg.data.shuffle_buffer, drop_last=train,
                          on_error=cfg.data.on_error, resampled=cfg.data.resampled and train,
                          drop_modalities=drop, tar_reader=cfg.data.tar_reader)
-    check_missing_modalities(cfg, loader.info.allows_missing and run.model.multimodal,
-                             "the shards' manifest says samples may omit modalities")
     return loader
 
 
